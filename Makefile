@@ -1,0 +1,62 @@
+# malaria-bento: every lifecycle step is one make target. Variables come from the environment
+# (MALARIA_*, MLFLOW_TRACKING_URI, BENTOML_HOME); see README.md.
+SHELL := /bin/bash
+PYTHON ?= python3.11
+VENV ?= .venv
+BIN := $(VENV)/bin
+PORT ?= 3000
+BENTO_MODEL ?= malaria-classifier
+export PREFECT_SERVER_ANALYTICS_ENABLED ?= false
+export TF_CPP_MIN_LOG_LEVEL ?= 2
+
+.PHONY: install model data report train import serve test test-fast lint format bento bento-offline clean
+
+$(BIN)/malaria: pyproject.toml requirements/serving.txt requirements/train.txt
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet -e ".[dev]"
+	touch $@
+
+install: $(BIN)/malaria ## a .venv with everything
+
+data: install ## validate, split by patient, write data/splits.csv
+	$(BIN)/malaria data prepare
+
+report: install ## dataset report under reports/data/
+	$(BIN)/malaria data report
+
+train: install ## train, log to MLflow, register, gate @champion
+	$(BIN)/malaria train
+
+import: install ## MLflow @champion -> BentoML model store
+	$(BIN)/malaria import-model
+
+model: data train import ## data -> split -> train -> register -> BentoML store
+
+serve: install ## serve the champion on $(PORT) (builds it first if the store has none)
+	@$(BIN)/bentoml models get $(BENTO_MODEL):latest >/dev/null 2>&1 || $(MAKE) model
+	$(BIN)/bentoml serve service:MalariaClassifier --port $(PORT)
+
+test: install ## the whole suite (what CI runs)
+	$(BIN)/pytest -q --cov=malaria --cov-report=term --cov-report=xml
+
+test-fast: install ## unit tests only: no training, no server
+	$(BIN)/pytest -q -m "not slow"
+
+lint: install
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+format: install
+	$(BIN)/ruff check --fix .
+	$(BIN)/ruff format .
+
+bento: install ## bentoml build (requirements locked against the package index)
+	$(BIN)/bentoml build
+
+bento-offline: install ## bentoml build without a package index (no lock)
+	mkdir -p build && sed 's/lock_packages: true/lock_packages: false/' bentofile.yaml > build/bentofile.offline.yaml
+	$(BIN)/bentoml build -f build/bentofile.offline.yaml .
+
+clean:
+	rm -rf build dist .pytest_cache .ruff_cache coverage.xml .coverage

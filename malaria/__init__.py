@@ -1,0 +1,1 @@
+"""Malaria blood-smear cell classifier: data, training, registry and serving helpers."""

@@ -1,0 +1,224 @@
+"""The ``malaria`` command line."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from malaria.config import Settings, get_settings
+from malaria.logging_setup import configure_logging
+
+app = typer.Typer(
+    help="Malaria cell classifier: data, training, registry, serving helpers.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+)
+data_app = typer.Typer(help="Locate, validate, split and report on the cell images.", no_args_is_help=True)
+app.add_typer(data_app, name="data")
+
+
+def _settings(**overrides) -> Settings:
+    settings = get_settings().model_copy(update={k: v for k, v in overrides.items() if v is not None})
+    configure_logging(settings.log_level, settings.log_dir)
+    return settings
+
+
+def _fail(message: str) -> None:
+    typer.secho(f"error: {message}", fg=typer.colors.RED, err=True)
+    raise typer.Exit(1)
+
+
+def _guarded(action):
+    """Run ``action``; known failures become one red line and exit 1, not a traceback."""
+    from malaria.data import DataError
+    from malaria.registry import RegistryError
+
+    try:
+        return action()
+    except (DataError, RegistryError) as exc:
+        _fail(str(exc))
+
+
+@data_app.command("prepare")
+def data_prepare() -> None:
+    """Validate the images and write the patient-grouped split manifest (data/splits.csv)."""
+    from malaria.data import prepare
+
+    settings = _settings()
+    frame, report = _guarded(lambda: prepare(settings))
+    typer.echo(f"{report.summary()}; manifest: {settings.splits_path}")
+
+
+@data_app.command("fetch")
+def data_fetch() -> None:
+    """Download the NIH archive into data/cell_images (falls back to synthetic data offline)."""
+    from malaria.data import ensure_dataset
+
+    settings = _settings()
+    typer.echo(f"data ready at {_guarded(lambda: ensure_dataset(settings))}")
+
+
+@data_app.command("report")
+def data_report(out: Annotated[Path, typer.Option(help="Output folder.")] = Path("reports/data")) -> None:
+    """Write a dataset report (markdown + PNG): counts per class and patient, sizes, sample cells."""
+    from malaria.data import ensure_dataset, scan_dataset, split_by_patient
+    from malaria.report import dataset_report
+
+    settings = _settings()
+
+    def run() -> Path:
+        root = ensure_dataset(settings)
+        frame, validation = scan_dataset(root, settings)
+        frame = split_by_patient(frame, settings.seed, settings.val_fraction, settings.test_fraction)
+        return dataset_report(frame, root, validation, out, seed=settings.seed)
+
+    typer.echo(f"report written: {_guarded(run)}")
+
+
+@data_app.command("synthetic")
+def data_synthetic(
+    out: Path, per_class: Annotated[int, typer.Option()] = 200, patients: Annotated[int, typer.Option()] = 20
+) -> None:
+    """Generate a synthetic NIH-layout set (for demos and tests; it is not malaria)."""
+    from malaria.data import generate_synthetic
+
+    typer.echo(f"synthetic data written to {generate_synthetic(out, per_class, patients)}")
+
+
+@app.command()
+def train(
+    profile: Annotated[str | None, typer.Option(help="quick (CPU) or full (GPU VGG16).")] = None,
+    epochs: Annotated[int | None, typer.Option()] = None,
+    force: Annotated[bool, typer.Option(help="Move @champion even if not better.")] = False,
+) -> None:
+    """Train, write training_artifacts/, log to MLflow, register, and gate the champion alias."""
+    from malaria.train import train as run_training
+
+    settings = _settings(profile=profile, epochs=epochs)
+    record = _guarded(lambda: run_training(settings, force=force))
+    typer.echo(
+        json.dumps(
+            {
+                "version": record.version,
+                "champion": record.is_champion,
+                **{k: round(v, 4) for k, v in record.metrics.items() if k.startswith("test_")},
+            }
+        )
+    )
+
+
+@app.command()
+def register(
+    model: Annotated[Path, typer.Option(help="A trained Keras model (.keras or .h5).")],
+    labels: Annotated[str | None, typer.Option(help="Class order, e.g. 'Parasitized,Uninfected'.")] = None,
+    sigmoid_class: Annotated[str | None, typer.Option(help="Class a 1-unit sigmoid output means.")] = None,
+    force: Annotated[bool, typer.Option(help="Move @champion even if not better.")] = False,
+) -> None:
+    """Register an existing Keras model after checking that it loads safely and fits the contract."""
+    from malaria.registry import RegistryError, check_keras_model, log_model_version, read_label_sidecar
+
+    settings = _settings()
+
+    def run():
+        sidecar = read_label_sidecar(model) or {}
+        class_names = labels.split(",") if labels else sidecar.get("class_names")
+        if not class_names:
+            raise RegistryError("give the label order: --labels 'A,B' or a <model>.labels.json sidecar")
+        keras_model, spec = check_keras_model(
+            model, [c.strip() for c in class_names], sigmoid_class or sidecar.get("sigmoid_class")
+        )
+        metrics = _validation_metrics(settings, keras_model, spec)
+        return log_model_version(
+            keras_model,
+            spec,
+            settings,
+            params={"source": str(model)},
+            metrics=metrics,
+            tags={"origin": "external"},
+            force=force,
+        )
+
+    record = _guarded(run)
+    typer.echo(f"registered {record.name} version {record.version}" + (" (champion)" if record.is_champion else ""))
+
+
+def _validation_metrics(settings: Settings, model, spec) -> dict[str, float]:
+    """Validation metrics of a model on the current split, so the champion gate can compare it."""
+    if not settings.splits_path.is_file():
+        return {}
+    from malaria import evaluation
+    from malaria.data import ensure_dataset, read_manifest
+    from malaria.train import load_split, predict_probability
+
+    manifest = read_manifest(settings.splits_path)
+    val = load_split(manifest, ensure_dataset(settings), "val", spec, None, settings.seed)
+    probability = predict_probability(model, val.images, spec)
+    return {f"val_{k}": v for k, v in evaluation.classification_metrics(val.labels, probability).items()}
+
+
+@app.command("import-model")
+def import_model(version: Annotated[str | None, typer.Option(help="Default: @champion.")] = None) -> None:
+    """Import the MLflow champion into the BentoML model store (BENTOML_HOME is respected)."""
+    from malaria.bento import import_model as run_import
+
+    settings = _settings()
+    stored = _guarded(lambda: run_import(settings, version))
+    typer.echo(f"imported {stored.tag}")
+
+
+@app.command()
+def predict(
+    paths: Annotated[list[Path], typer.Argument(help="Image files and/or folders.")],
+    url: Annotated[str, typer.Option(envvar="MALARIA_URL", help="Service URL.")] = "http://localhost:3000",
+    token: Annotated[str | None, typer.Option(envvar="MALARIA_API_TOKEN", help="Bearer token.")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")] = False,
+    chunk: Annotated[int, typer.Option(help="Images per request.")] = 32,
+) -> None:
+    """Classify images with a running service and print a table (or JSON)."""
+    from malaria.client import MalariaClient, collect_images
+
+    try:
+        images = collect_images(paths)
+    except FileNotFoundError as exc:
+        _fail(str(exc))
+    if not images:
+        _fail("no image files found")
+    results = []
+    with MalariaClient(url, token=token) as client:
+        for start in range(0, len(images), chunk):
+            part = images[start : start + chunk]
+            for path, result in zip(part, client.classify(part), strict=True):
+                results.append({"path": str(path), **result})
+    if as_json:
+        typer.echo(json.dumps(results, indent=2))
+        return
+    width = max(len(r["path"]) for r in results)
+    typer.echo(f"{'image':<{width}}  {'label':<11}  {'P(parasitized)':>14}  decision")
+    for r in results:
+        typer.echo(f"{r['path']:<{width}}  {r['label']:<11}  {r['probability_parasitized']:>14.4f}  {r['decision']}")
+
+
+@app.command()
+def champion() -> None:
+    """Show the current champion: version, run, spec and metrics."""
+    from malaria.registry import get_version
+
+    record = _guarded(lambda: get_version(_settings()))
+    typer.echo(
+        json.dumps(
+            {
+                "version": record.version,
+                "run_id": record.run_id,
+                "spec": record.spec.model_dump(mode="json"),
+                "metrics": record.metrics,
+            },
+            indent=2,
+        )
+    )
+
+
+if __name__ == "__main__":
+    app()

@@ -1,0 +1,81 @@
+"""A thin client of the service over BentoML's own HTTP clients."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from pathlib import Path
+
+from malaria.data import IMAGE_SUFFIXES
+
+
+def collect_images(paths: Iterable[Path | str]) -> list[Path]:
+    """Image files among ``paths``, folders searched recursively, in a stable order."""
+    found: list[Path] = []
+    for path in map(Path, paths):
+        if path.is_dir():
+            found += sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+        elif path.is_file():
+            found.append(path)
+        else:
+            raise FileNotFoundError(f"{path} does not exist")
+    return found
+
+
+class MalariaClient:
+    """Synchronous client: ``with MalariaClient(url) as c: c.predict("cell.png")``."""
+
+    def __init__(self, url: str = "http://localhost:3000", token: str | None = None, timeout: float = 60):
+        import bentoml
+
+        self._client = bentoml.SyncHTTPClient(url, token=token, timeout=timeout)
+
+    def predict(self, image: Path | str) -> dict:
+        """One image -> one prediction."""
+        return self._client.predict(image=Path(image))
+
+    def classify(self, images: list[Path | str]) -> list[dict]:
+        """Several images -> one prediction each, in order."""
+        return self._client.classify(images=[Path(p) for p in images])
+
+    def batch_predict(self, images: list[Path | str]) -> dict:
+        """Several images -> predictions plus counts per label and decision."""
+        return self._client.batch_predict(images=[Path(p) for p in images])
+
+    def model_info(self) -> dict:
+        return self._client.model_info()
+
+    def is_ready(self) -> bool:
+        return self._client.is_ready()
+
+    def close(self) -> None:
+        self._client.close()
+
+    def __enter__(self) -> MalariaClient:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+class AsyncMalariaClient:
+    """Asynchronous client for bounded-concurrency batch jobs."""
+
+    def __init__(self, url: str = "http://localhost:3000", token: str | None = None, timeout: float = 60):
+        import bentoml
+
+        self._client = bentoml.AsyncHTTPClient(url, token=token, timeout=timeout)
+
+    async def predict(self, image: Path | str) -> dict:
+        return await self._client.predict(image=Path(image))
+
+    async def classify(self, images: list[Path | str]) -> list[dict]:
+        return await self._client.classify(images=[Path(p) for p in images])
+
+    async def close(self) -> None:
+        await self._client.close()
+
+    async def __aenter__(self) -> AsyncMalariaClient:
+        return self
+
+    async def __aexit__(self, *exc) -> None:
+        await self.close()

@@ -1,0 +1,103 @@
+"""All settings in one place, read from the environment (prefix ``MALARIA_``) and ``.env``."""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+from typing import Literal
+
+from pydantic import AliasChoices, Field
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict, YamlConfigSettingsSource
+
+Profile = Literal["quick", "full"]
+
+
+class Settings(BaseSettings):
+    """Every tunable of the project.
+
+    Field ``foo`` is read from ``MALARIA_FOO``, else ``.env``, else ``params.yaml`` (the DVC-tracked
+    experiment parameters), else the default here.
+    """
+
+    model_config = SettingsConfigDict(env_prefix="MALARIA_", env_file=".env", yaml_file="params.yaml", extra="ignore")
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        return init_settings, env_settings, dotenv_settings, YamlConfigSettingsSource(settings_cls)
+
+    # Data
+    data_dir: Path | None = Field(default=None, description="Folder in the NIH layout (Parasitized/, Uninfected/).")
+    workspace_data_dir: Path = Field(default=Path("data"), description="DVC-tracked data folder.")
+    nih_archive_url: str = "https://data.lhncbc.nlm.nih.gov/public/Malaria/cell_images.zip"
+    nih_archive_sha256: str | None = Field(
+        default=None, description="Expected SHA-256 of the NIH archive; unset = trust on first download."
+    )
+    synthetic_per_class: int = 400
+    min_image_side: int = 16
+    max_image_side: int = 2048
+
+    # Split and training
+    seed: int = 42
+    val_fraction: float = 0.15
+    test_fraction: float = 0.15
+    profile: Profile = "quick"
+    image_size: int | None = Field(default=None, description="Override the profile's input size.")
+    epochs: int | None = Field(default=None, description="Override the profile's epoch count.")
+    batch_size: int = 64
+    learning_rate: float | None = None
+    max_train_images: int | None = Field(default=None, description="Cap per split, for smoke runs.")
+    artifacts_dir: Path = Path("training_artifacts")
+
+    # Registry
+    mlflow_tracking_uri: str = Field(
+        default="sqlite:///mlflow.db",
+        validation_alias=AliasChoices("MLFLOW_TRACKING_URI", "MALARIA_MLFLOW_TRACKING_URI"),
+    )
+    mlflow_artifact_root: Path = Path("mlartifacts")
+    experiment_name: str = "malaria"
+    registered_model_name: str = "malaria-classifier"
+    champion_alias: str = "champion"
+    gate_metric: str = "val_roc_auc"
+    bento_model_name: str = "malaria-classifier"
+
+    # Serving
+    gpu: bool = False
+    workers: int = 1
+    tf_intra_op_threads: int = 2
+    tf_inter_op_threads: int = 1
+    max_batch_size: int = 64
+    max_latency_ms: int = 5000
+    traffic_timeout_s: int = 60
+    max_image_bytes: int = 10 * 1024 * 1024
+    max_image_pixels: int = 25_000_000
+    max_images_per_request: int = 64
+    refer_band: tuple[float, float] | None = Field(
+        default=None, description="Override the model's uncertainty band (low, high) for 'refer'."
+    )
+    api_token: str | None = Field(default=None, description="Bearer token; auth is on when set.")
+    prediction_log_dir: Path = Path("logs/predictions")
+
+    # Logging
+    log_level: str = "INFO"
+    log_dir: Path = Path("logs")
+
+    def nih_data_dir(self) -> Path:
+        """Where the NIH-layout images live: MALARIA_DATA_DIR, else the DVC-tracked copy."""
+        return self.data_dir or self.workspace_data_dir / "cell_images"
+
+    @property
+    def splits_path(self) -> Path:
+        return self.workspace_data_dir / "splits.csv"
+
+
+@lru_cache
+def get_settings() -> Settings:
+    """The process-wide settings (tests build their own ``Settings``)."""
+    return Settings()

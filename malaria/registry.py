@@ -1,0 +1,211 @@
+"""MLflow tracking and registry: log runs, register versions, guard the ``champion`` alias."""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from malaria.config import Settings
+from malaria.spec import ModelSpec
+
+logger = logging.getLogger(__name__)
+
+SPEC_TAG = "malaria.spec"
+
+
+class RegistryError(RuntimeError):
+    """The registry cannot do what was asked (no champion, unusable model, ...)."""
+
+
+@dataclass
+class RegisteredVersion:
+    """One registered model version and what consumers need from it."""
+
+    name: str
+    version: str
+    run_id: str | None
+    spec: ModelSpec
+    metrics: dict[str, float]
+    is_champion: bool
+
+    @property
+    def uri(self) -> str:
+        return f"models:/{self.name}/{self.version}"
+
+
+def client(settings: Settings):
+    """An MLflow client on the configured store; creates the experiment with a local artifact root."""
+    import mlflow
+
+    mlflow.set_tracking_uri(settings.mlflow_tracking_uri)
+    if mlflow.get_experiment_by_name(settings.experiment_name) is None:
+        root = settings.mlflow_artifact_root.resolve()
+        root.mkdir(parents=True, exist_ok=True)
+        mlflow.create_experiment(settings.experiment_name, artifact_location=root.as_uri())
+    mlflow.set_experiment(settings.experiment_name)
+    return mlflow.MlflowClient()
+
+
+def _signature(spec: ModelSpec):
+    from mlflow.models import ModelSignature
+    from mlflow.types import Schema, TensorSpec
+
+    return ModelSignature(
+        inputs=Schema([TensorSpec(np.dtype(np.float32), (-1, spec.image_size, spec.image_size, 3), "image")]),
+        outputs=Schema([TensorSpec(np.dtype(np.float32), (-1, 1 if spec.output == "sigmoid" else 2))]),
+    )
+
+
+def log_model_version(
+    model,
+    spec: ModelSpec,
+    settings: Settings,
+    params: dict | None = None,
+    metrics: dict[str, float] | None = None,
+    history: dict[str, list[float]] | None = None,
+    artifacts_dir: Path | None = None,
+    tags: dict[str, str] | None = None,
+    force: bool = False,
+) -> RegisteredVersion:
+    """Log a Keras model with its spec, params, metrics and artifacts; register it; gate ``champion``."""
+    import mlflow
+
+    mlflow_client = client(settings)
+    metrics = {k: v for k, v in (metrics or {}).items() if v == v}  # drop NaN
+    with mlflow.start_run(tags=tags) as run:
+        if params:
+            mlflow.log_params(params)
+        for key, values in (history or {}).items():
+            for step, value in enumerate(values):
+                mlflow.log_metric(
+                    key.replace("val_", "epoch_val_") if key.startswith("val_") else f"epoch_{key}",
+                    float(value),
+                    step=step,
+                )
+        if metrics:
+            mlflow.log_metrics(metrics)
+        if artifacts_dir is not None and artifacts_dir.is_dir():
+            mlflow.log_artifacts(str(artifacts_dir), artifact_path="training_artifacts")
+        mlflow.log_dict(spec.model_dump(mode="json"), "model_spec.json")
+        info = mlflow.keras.log_model(
+            model,
+            name="model",
+            signature=_signature(spec),
+            metadata={"spec": spec.model_dump(mode="json")},
+            registered_model_name=settings.registered_model_name,
+        )
+    version = str(info.registered_model_version)
+    mlflow_client.set_model_version_tag(settings.registered_model_name, version, SPEC_TAG, spec.to_json())
+    promoted = promote_if_better(settings, version, metrics, force=force)
+    return RegisteredVersion(settings.registered_model_name, version, run.info.run_id, spec, metrics, promoted)
+
+
+def champion_version(settings: Settings) -> str | None:
+    """The version the champion alias points at, or None."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        mv = client(settings).get_model_version_by_alias(settings.registered_model_name, settings.champion_alias)
+    except MlflowException:
+        return None
+    return str(mv.version)
+
+
+def promote_if_better(settings: Settings, version: str, metrics: dict[str, float], force: bool = False) -> bool:
+    """Point ``champion`` at ``version`` if it is at least as good on validation (or ``force``)."""
+    mlflow_client = client(settings)
+    current = champion_version(settings)
+    new_score = metrics.get(settings.gate_metric)
+    if current is not None and not force:
+        old_score = get_version(settings, current).metrics.get(settings.gate_metric)
+        if old_score is not None and (new_score is None or new_score < old_score):
+            logger.info(
+                "version %s not promoted: %s %.4f < champion v%s %.4f (use --force to override)",
+                version,
+                settings.gate_metric,
+                new_score or float("nan"),
+                current,
+                old_score,
+            )
+            return False
+    mlflow_client.set_registered_model_alias(settings.registered_model_name, settings.champion_alias, version)
+    logger.info("version %s is now @%s (was %s)", version, settings.champion_alias, current or "none")
+    return True
+
+
+def get_version(settings: Settings, version: str | None = None) -> RegisteredVersion:
+    """A registered version (default: the champion) with its spec and run metrics."""
+    import mlflow
+    from mlflow.exceptions import MlflowException
+
+    mlflow_client = client(settings)
+    name = settings.registered_model_name
+    try:
+        if version is None:
+            mv = mlflow_client.get_model_version_by_alias(name, settings.champion_alias)
+        else:
+            mv = mlflow_client.get_model_version(name, str(version))
+    except MlflowException as exc:
+        what = f"@{settings.champion_alias}" if version is None else f"version {version}"
+        raise RegistryError(
+            f"no {what} of {name!r} in {settings.mlflow_tracking_uri}: run `malaria train` "
+            "(or `malaria register --model FILE`) first"
+        ) from exc
+    if SPEC_TAG in mv.tags:
+        spec = ModelSpec.model_validate_json(mv.tags[SPEC_TAG])
+    else:
+        spec = ModelSpec.from_metadata(mlflow.models.get_model_info(f"models:/{name}/{mv.version}").metadata)
+    metrics = dict(mlflow_client.get_run(mv.run_id).data.metrics) if mv.run_id else {}
+    aliases = set(getattr(mv, "aliases", []) or [])
+    return RegisteredVersion(name, str(mv.version), mv.run_id, spec, metrics, settings.champion_alias in aliases)
+
+
+def update_spec(settings: Settings, version: str, spec: ModelSpec) -> None:
+    """Record a revised spec (e.g. a threshold chosen on validation data) for one version."""
+    client(settings).set_model_version_tag(settings.registered_model_name, str(version), SPEC_TAG, spec.to_json())
+
+
+def load_keras_model(settings: Settings, version: str | None = None):
+    """The native Keras model of a registered version (default: champion) and its record."""
+    import mlflow
+
+    record = get_version(settings, version)
+    return mlflow.keras.load_model(record.uri), record
+
+
+def check_keras_model(path: Path, class_names: list[str], sigmoid_class: str | None):
+    """Load a Keras file in safe mode and check its input and output; returns (model, spec)."""
+    import keras
+
+    if not path.is_file():
+        raise RegistryError(f"model file {path} not found")
+    try:
+        model = keras.models.load_model(path, compile=False, safe_mode=True)
+    except Exception as exc:  # noqa: BLE001 - any loader failure means the file cannot be used
+        raise RegistryError(f"{path} does not load as a Keras model in safe mode: {exc}") from exc
+    shape = tuple(model.input_shape)
+    if len(shape) != 4 or shape[-1] != 3 or shape[1] != shape[2] or shape[1] is None:
+        raise RegistryError(f"model input must be a square HxWx3 image, got {shape}")
+    units = model.output_shape[-1]
+    if units not in (1, 2):
+        raise RegistryError(f"model output must have 1 (sigmoid) or 2 (softmax) units, got {units}")
+    spec = ModelSpec(
+        image_size=int(shape[1]),
+        class_names=class_names,
+        output="sigmoid" if units == 1 else "softmax",
+        sigmoid_class=(sigmoid_class or class_names[0]) if units == 1 else None,
+    )
+    probe = model(np.zeros((2, *shape[1:]), dtype=np.float32), training=False)
+    if not np.all(np.isfinite(np.asarray(probe))):
+        raise RegistryError("model output on a blank image is not finite")
+    return model, spec
+
+
+def read_label_sidecar(model_path: Path) -> dict | None:
+    """Labels next to a model file: ``<model>.labels.json`` with ``class_names`` (and ``sigmoid_class``)."""
+    sidecar = model_path.with_suffix(".labels.json")
+    return json.loads(sidecar.read_text()) if sidecar.is_file() else None

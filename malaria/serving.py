@@ -1,0 +1,319 @@
+"""Serving helpers kept out of ``service.py``: input checks, predictions, the prediction log, auth."""
+
+from __future__ import annotations
+
+import hmac
+import json
+import logging
+import os
+import queue
+import re
+import threading
+import time
+import uuid
+from datetime import UTC, datetime
+from http import HTTPStatus
+from pathlib import Path
+
+import numpy as np
+from bentoml.exceptions import BentoMLException, InvalidArgument
+from pydantic import BaseModel, Field
+
+from malaria.config import Settings
+from malaria.monitoring import image_features_batch
+from malaria.preprocess import ImageTooLargeError, InvalidImageError, decode_image, to_model_input
+from malaria.spec import ModelSpec
+
+logger = logging.getLogger(__name__)
+
+
+class PayloadTooLarge(BentoMLException):
+    """413: an upload over the byte, pixel or count limit."""
+
+    error_code = HTTPStatus.REQUEST_ENTITY_TOO_LARGE
+
+
+class Prediction(BaseModel):
+    """One image's answer."""
+
+    label: str = Field(description="Parasitized or Uninfected, by the model's threshold.")
+    probability_parasitized: float = Field(description="Calibrated P(Parasitized).")
+    confidence: float = Field(description="Probability of the returned label.")
+    decision: str = Field(description="parasitized, uninfected, or refer (uncertain: a person should look).")
+    model_version: str
+    request_id: str
+    filename: str | None = None
+
+
+class BatchSummary(BaseModel):
+    """Counts over one multi-image request."""
+
+    total: int
+    counts: dict[str, int]
+    decisions: dict[str, int]
+
+
+class BatchResult(BaseModel):
+    predictions: list[Prediction]
+    summary: BatchSummary
+
+
+class ModelInfo(BaseModel):
+    bento_model: str
+    registered_model: str | None
+    mlflow_version: str | None
+    mlflow_run_id: str | None
+    metrics: dict[str, float]
+    image_size: int
+    class_names: list[str]
+    positive_class: str
+    threshold: float
+    refer_band: tuple[float, float]
+    temperature: float
+
+
+class PreparedImages:
+    """Validated uploads: model inputs, original sizes and names."""
+
+    def __init__(self, batch: np.ndarray, sizes: list[tuple[int, int]], names: list[str | None]):
+        self.batch, self.sizes, self.names = batch, sizes, names
+
+
+def prepare_uploads(paths: list[Path], names: list[str | None], spec: ModelSpec, settings: Settings) -> PreparedImages:
+    """Check limits and run the shared preprocessing; bad input raises a 4xx BentoML error."""
+    if not paths:
+        raise InvalidArgument("no image received: send at least one file")
+    if len(paths) > settings.max_images_per_request:
+        raise PayloadTooLarge(f"{len(paths)} images in one request; the limit is {settings.max_images_per_request}")
+    batch = np.empty((len(paths), spec.image_size, spec.image_size, 3), dtype=np.float32)
+    sizes = []
+    for i, (path, name) in enumerate(zip(paths, names, strict=True)):
+        label = f"image {name or i + 1}"
+        size = Path(path).stat().st_size
+        if size == 0:
+            raise InvalidArgument(f"{label}: empty file")
+        if size > settings.max_image_bytes:
+            raise PayloadTooLarge(f"{label}: {size} bytes; the limit is {settings.max_image_bytes} bytes")
+        try:
+            image = decode_image(Path(path), max_pixels=settings.max_image_pixels)
+        except ImageTooLargeError as exc:
+            raise PayloadTooLarge(f"{label}: {exc}") from exc
+        except InvalidImageError as exc:
+            raise InvalidArgument(f"{label}: {exc}") from exc
+        sizes.append(image.size)
+        batch[i] = to_model_input(image, spec)
+    return PreparedImages(batch, sizes, names)
+
+
+def make_predictions(
+    probability: np.ndarray,
+    spec: ModelSpec,
+    model_version: str,
+    request_id: str,
+    names: list[str | None],
+    band: tuple[float, float] | None,
+) -> list[Prediction]:
+    labels = spec.labels(probability)
+    return [
+        Prediction(
+            label=label,
+            probability_parasitized=round(float(p), 6),
+            confidence=round(float(p if label == spec.positive_class else 1 - p), 6),
+            decision=spec.decision(float(p), band),
+            model_version=model_version,
+            request_id=request_id,
+            filename=name,
+        )
+        for p, label, name in zip(probability, labels, names, strict=True)
+    ]
+
+
+def summarize(predictions: list[Prediction], spec: ModelSpec) -> BatchSummary:
+    counts = {name: 0 for name in spec.class_names}
+    decisions = {"parasitized": 0, "uninfected": 0, "refer": 0}
+    for prediction in predictions:
+        counts[prediction.label] += 1
+        decisions[prediction.decision] += 1
+    return BatchSummary(total=len(predictions), counts=counts, decisions=decisions)
+
+
+_TEMP_PREFIX = re.compile(r"^tmp[a-z0-9_]{8}")
+
+
+def upload_name(path: Path) -> str | None:
+    """The client's file name: BentoML stores an upload as ``tmp<8 random chars><original name>``."""
+    return _TEMP_PREFIX.sub("", Path(path).name) or None
+
+
+def new_request_id(headers) -> str:
+    """The caller's X-Request-ID when it is sane, else a fresh UUID."""
+    given = headers.get("x-request-id", "") if headers is not None else ""
+    return given if 0 < len(given) <= 128 and given.isprintable() else uuid.uuid4().hex
+
+
+class PredictionLog:
+    """JSON lines, one per prediction, written by a background thread; one file per day and process."""
+
+    def __init__(self, folder: Path):
+        self.folder = folder
+        self.folder.mkdir(parents=True, exist_ok=True)
+        self._queue: queue.SimpleQueue[list[dict] | None] = queue.SimpleQueue()
+        self._thread = threading.Thread(target=self._run, name="prediction-log", daemon=True)
+        self._thread.start()
+
+    def record(self, predictions: list[Prediction], prepared: PreparedImages, latency_ms: float) -> None:
+        """Queue the log lines of one request (returns at once)."""
+        now = datetime.now(UTC).isoformat()
+        features = image_features_batch(prepared.batch, prepared.sizes)
+        self._queue.put(
+            [
+                {
+                    "time": now,
+                    "request_id": p.request_id,
+                    "model_version": p.model_version,
+                    "probability_parasitized": p.probability_parasitized,
+                    "label": p.label,
+                    "decision": p.decision,
+                    "latency_ms": round(latency_ms, 3),
+                    "filename": p.filename,
+                    **f,
+                }
+                for p, f in zip(predictions, features, strict=True)
+            ]
+        )
+
+    def _path(self) -> Path:
+        return self.folder / f"predictions-{datetime.now(UTC):%Y-%m-%d}-{os.getpid()}.jsonl"
+
+    def _run(self) -> None:
+        handle, path = None, None
+        while True:
+            lines = self._queue.get()
+            if lines is None:
+                break
+            batch = [lines]
+            while True:  # drain whatever else is waiting, then write once
+                try:
+                    more = self._queue.get_nowait()
+                except queue.Empty:
+                    break
+                if more is None:
+                    self._queue.put(None)
+                    break
+                batch.append(more)
+            if self._path() != path:
+                if handle:
+                    handle.close()
+                path = self._path()
+                handle = path.open("a", encoding="utf-8")
+            handle.write("".join(json.dumps(line) + "\n" for group in batch for line in group))
+            handle.flush()
+        if handle:
+            handle.close()
+
+    def close(self, timeout: float = 10.0) -> None:
+        """Flush everything queued and stop the writer."""
+        self._queue.put(None)
+        self._thread.join(timeout)
+
+
+def read_prediction_log(folder: Path) -> list[dict]:
+    """Every logged prediction under ``folder`` (all days and processes)."""
+    rows = []
+    for path in sorted(Path(folder).glob("predictions-*.jsonl")):
+        rows += [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return rows
+
+
+def harden_multipart_parsing() -> None:
+    """Answer 400, not 500, to a multipart file sent under a field name the endpoint does not take.
+
+    BentoML 1.4 JSON-decodes every unknown form part as text, and a binary part raises
+    ``UnicodeDecodeError`` there, which its error handler turns into a 500.
+    """
+    from _bentoml_impl import serde
+
+    base = serde.ALL_SERDE["multipart/form-data"]
+    if getattr(base, "hardened", False):
+        return
+
+    class HardenedMultipartSerde(base):
+        hardened = True
+
+        async def parse_request(self, request, cls):
+            try:
+                return await super().parse_request(request, cls)
+            except UnicodeDecodeError as exc:
+                fields = ", ".join(name for name in cls.model_fields if not name.startswith("_"))
+                raise InvalidArgument(f"unexpected file field; this endpoint takes: {fields}") from exc
+
+    serde.ALL_SERDE["multipart/form-data"] = HardenedMultipartSerde
+
+
+OPEN_PATHS = frozenset({"/healthz", "/livez", "/readyz", "/metrics"})
+
+
+class RequestGuardMiddleware:
+    """ASGI middleware run before any body is read.
+
+    Rejects a declared body larger than ``max_body_bytes`` (413) and, when a token is configured,
+    any API call without ``Authorization: Bearer <token>`` (401). Health and metrics stay open.
+    """
+
+    def __init__(self, app, token: str | None, max_body_bytes: int):
+        self.app = app
+        self.expected = f"Bearer {token}".encode() if token else None
+        self.max_body_bytes = max_body_bytes
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http" or scope["path"] in OPEN_PATHS:
+            return await self.app(scope, receive, send)
+        headers = dict(scope.get("headers") or [])
+        if self.expected is not None and not hmac.compare_digest(headers.get(b"authorization", b""), self.expected):
+            return await _json_error(send, 401, "missing or invalid bearer token", [(b"www-authenticate", b"Bearer")])
+        declared = headers.get(b"content-length", b"0")
+        if declared.isdigit() and int(declared) > self.max_body_bytes:
+            return await _json_error(
+                send,
+                413,
+                f"request body of {int(declared)} bytes is over the {self.max_body_bytes}-byte limit",
+            )
+        return await self.app(scope, receive, send)
+
+
+async def _json_error(send, status: int, message: str, extra_headers=()) -> None:
+    body = json.dumps({"error": message}).encode()
+    await send(
+        {
+            "type": "http.response.start",
+            "status": status,
+            "headers": [
+                (b"content-type", b"application/json"),
+                (b"content-length", str(len(body)).encode()),
+                *extra_headers,
+            ],
+        }
+    )
+    await send({"type": "http.response.body", "body": body})
+
+
+async def call_dependency(method, *args, attempts: int = 3):
+    """Call a ``bentoml.depends`` method, retrying when the connection drops under it.
+
+    BentoML 1.4's internal client recycles its session every 100 requests and closes connections
+    that are still in flight (``ServerDisconnectedError``; upstream PR bentoml/BentoML#5698).
+    Inference is idempotent, so a retry is safe.
+    """
+    import aiohttp
+
+    for attempt in range(1, attempts + 1):
+        try:
+            return await method(*args)
+        except aiohttp.ClientConnectionError:
+            if attempt == attempts:
+                raise
+            logger.warning("connection to the model service dropped; retrying (%d/%d)", attempt, attempts - 1)
+
+
+def monotonic_ms(start: float) -> float:
+    return (time.perf_counter() - start) * 1000

@@ -1,0 +1,205 @@
+"""Training: split manifest -> VGG16 -> calibrated metrics and plots -> MLflow registry."""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from malaria import evaluation
+from malaria.config import Settings
+from malaria.data import ensure_dataset, labels_of, load_arrays, prepare, read_manifest
+from malaria.model import PROFILES, augmentation_pipeline, build_model, compiled_predict
+from malaria.monitoring import image_features_batch
+from malaria.registry import RegisteredVersion, log_model_version
+from malaria.spec import ModelSpec
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class SplitData:
+    frame: pd.DataFrame
+    images: np.ndarray
+    labels: np.ndarray
+
+
+def load_split(
+    manifest: pd.DataFrame, root: Path, split: str, spec: ModelSpec, limit: int | None, seed: int
+) -> SplitData:
+    """One split's images (manifest paths are relative to ``root``) through the shared preprocessing."""
+    frame = manifest[manifest["split"] == split]
+    if limit is not None and len(frame) > limit:
+        frame = frame.groupby("label", group_keys=False).apply(
+            lambda g: g.sample(min(len(g), limit // 2), random_state=seed)
+        )
+    frame = frame.reset_index(drop=True)
+    images = load_arrays([root / p for p in frame["path"]], spec, desc=f"loading {split}")
+    return SplitData(frame, images, labels_of(frame))
+
+
+def predict_probability(model, images: np.ndarray, spec: ModelSpec, batch_size: int = 256) -> np.ndarray:
+    """Calibrated P(positive) for preprocessed images, with the serving inference call."""
+    predict = compiled_predict(model)
+    outputs = [predict(images[i : i + batch_size]) for i in range(0, len(images), batch_size)]
+    return spec.probability_positive(np.concatenate(outputs) if outputs else np.empty((0, 1)))
+
+
+class _EpochProgress:
+    """Logs one line per epoch with the metrics and an ETA."""
+
+    def __init__(self, epochs: int):
+        import keras
+
+        outer = self
+
+        class Callback(keras.callbacks.Callback):
+            def on_train_begin(self, logs=None):
+                outer.start = time.monotonic()
+
+            def on_epoch_end(self, epoch, logs=None):
+                elapsed = time.monotonic() - outer.start
+                eta = elapsed / (epoch + 1) * (epochs - epoch - 1)
+                shown = " ".join(f"{k}={v:.4f}" for k, v in (logs or {}).items() if k != "learning_rate")
+                logger.info("epoch %d/%d %s (%.0fs, ETA %.0fs)", epoch + 1, epochs, shown, elapsed, eta)
+
+        self.callback = Callback()
+        self.start = time.monotonic()
+
+
+def train(settings: Settings, force: bool = False) -> RegisteredVersion:
+    """Train the configured profile, write ``training_artifacts/``, log and register in MLflow."""
+    import keras
+
+    started = time.monotonic()
+    if not settings.splits_path.is_file() or settings.data_dir is not None:
+        prepare(settings)
+    manifest = read_manifest(settings.splits_path)
+    root = ensure_dataset(settings)
+    profile = PROFILES[settings.profile]
+    spec = ModelSpec(image_size=settings.image_size or profile.image_size)
+    epochs = settings.epochs or profile.epochs
+    learning_rate = settings.learning_rate or profile.learning_rate
+    limit = settings.max_train_images
+
+    train_data = load_split(manifest, root, "train", spec, limit, settings.seed)
+    val_data = load_split(manifest, root, "val", spec, limit, settings.seed)
+    test_data = load_split(manifest, root, "test", spec, limit, settings.seed)
+    logger.info(
+        "images: train %d, val %d, test %d (%d/%d/%d patients)",
+        len(train_data.labels),
+        len(val_data.labels),
+        len(test_data.labels),
+        *(d.frame["patient"].nunique() for d in (train_data, val_data, test_data)),
+    )
+
+    model = build_model(profile, spec.image_size, seed=settings.seed)
+    steps = epochs * int(np.ceil(len(train_data.labels) / settings.batch_size))
+    schedule = keras.optimizers.schedules.CosineDecay(
+        learning_rate / 10,
+        decay_steps=max(1, steps),
+        warmup_target=learning_rate,
+        warmup_steps=max(1, steps // 20),
+        alpha=0.01,
+    )
+    model.compile(
+        optimizer=keras.optimizers.AdamW(schedule, weight_decay=1e-4),
+        loss="binary_crossentropy",
+        metrics=["accuracy", keras.metrics.AUC(name="auc")],
+    )
+    fit = model.fit(
+        augmentation_pipeline(train_data.images, train_data.labels, settings.batch_size, settings.seed),
+        validation_data=(val_data.images, val_data.labels),
+        validation_batch_size=256,
+        epochs=epochs,
+        verbose=0,
+        callbacks=[_EpochProgress(epochs).callback],
+    )
+    history = {k: [float(v) for v in values] for k, values in fit.history.items() if k != "learning_rate"}
+    train_seconds = time.monotonic() - started
+
+    raw = ModelSpec(**{**spec.model_dump(), "temperature": 1.0})
+    val_raw = predict_probability(model, val_data.images, raw)
+    spec = spec.model_copy(update={"temperature": evaluation.fit_temperature(val_data.labels, val_raw)})
+    val_p = spec.probability_positive(val_raw.reshape(-1, 1))
+    test_p = predict_probability(model, test_data.images, spec)
+    metrics = {
+        **{f"val_{k}": v for k, v in evaluation.classification_metrics(val_data.labels, val_p, spec.threshold).items()},
+        **{
+            f"test_{k}": v
+            for k, v in evaluation.classification_metrics(test_data.labels, test_p, spec.threshold).items()
+        },
+        "train_seconds": train_seconds,
+    }
+    logger.info(
+        "test (unseen patients): accuracy %.4f, ROC-AUC %.4f, ECE %.4f, temperature %.2f",
+        metrics["test_accuracy"],
+        metrics["test_roc_auc"],
+        metrics["test_ece"],
+        spec.temperature,
+    )
+
+    artifacts = write_artifacts(settings.artifacts_dir, model, spec, history, metrics, test_data, test_p, train_data)
+    params = {
+        "profile": profile.name,
+        "image_size": spec.image_size,
+        "width": profile.width,
+        "epochs": epochs,
+        "batch_size": settings.batch_size,
+        "learning_rate": learning_rate,
+        "seed": settings.seed,
+        "train_images": len(train_data.labels),
+        "val_images": len(val_data.labels),
+        "test_images": len(test_data.labels),
+        "data_source": str(root),
+    }
+    record = log_model_version(
+        model,
+        spec,
+        settings,
+        params=params,
+        metrics=metrics,
+        history=history,
+        artifacts_dir=artifacts,
+        force=force,
+    )
+    logger.info(
+        "registered %s version %s%s in %.0fs",
+        record.name,
+        record.version,
+        " (champion)" if record.is_champion else "",
+        time.monotonic() - started,
+    )
+    return record
+
+
+def write_artifacts(
+    folder: Path,
+    model,
+    spec: ModelSpec,
+    history: dict,
+    metrics: dict,
+    test: SplitData,
+    test_probability: np.ndarray,
+    train_data: SplitData,
+) -> Path:
+    """Model, spec, history, metrics, plots and the drift reference features of one training run."""
+    folder.mkdir(parents=True, exist_ok=True)
+    model.save(folder / "model.keras")
+    (folder / "model_spec.json").write_text(spec.model_dump_json(indent=2))
+    (folder / "history.json").write_text(json.dumps(history, indent=2))
+    (folder / "metrics.json").write_text(json.dumps(metrics, indent=2, sort_keys=True))
+    evaluation.plot_confusion_matrix(test.labels, test_probability, spec, folder / "confusion_matrix.png")
+    evaluation.plot_roc(test.labels, test_probability, folder / "roc_curve.png")
+    evaluation.plot_learning_curves(history, folder / "learning_curves.png")
+    sizes = list(zip(train_data.frame["width"], train_data.frame["height"], strict=True))
+    reference = pd.DataFrame(image_features_batch(train_data.images, sizes))
+    reference["probability_parasitized"] = predict_probability(model, train_data.images, spec)
+    reference["label"] = train_data.frame["label"].to_numpy()
+    reference.to_csv(folder / "reference_features.csv", index=False)
+    return folder

@@ -1,0 +1,72 @@
+"""Shared fixtures: generated data, isolated MLflow/BentoML stores, one tiny trained champion."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+# Stores must be isolated before bentoml or mlflow are imported anywhere.
+_SESSION_DIR = Path(tempfile.mkdtemp(prefix="malaria-tests-"))
+os.environ["BENTOML_HOME"] = str(_SESSION_DIR / "bentoml")
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+os.environ.pop("MALARIA_API_TOKEN", None)
+
+import pytest  # noqa: E402
+
+from malaria.config import Settings  # noqa: E402
+from malaria.data import generate_synthetic  # noqa: E402
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+def make_settings(root: Path, **overrides) -> Settings:
+    """Settings whose every path lives under ``root``."""
+    values = {
+        "data_dir": None,
+        "workspace_data_dir": root / "data",
+        "artifacts_dir": root / "training_artifacts",
+        "mlflow_tracking_uri": f"sqlite:///{root / 'mlflow.db'}",
+        "mlflow_artifact_root": root / "mlartifacts",
+        "log_dir": None,
+        "prediction_log_dir": root / "predictions",
+        "profile": "quick",
+        "image_size": 32,
+        "epochs": 4,
+        "batch_size": 16,
+        "seed": 7,
+    }
+    values.update(overrides)
+    return Settings.model_construct(**{**Settings().model_dump(), **values})
+
+
+@pytest.fixture(scope="session")
+def session_dir() -> Path:
+    return _SESSION_DIR
+
+
+@pytest.fixture(scope="session")
+def synthetic_dir(session_dir: Path) -> Path:
+    """A small NIH-layout set of generated cells: 20 patients, 120 images per class."""
+    return generate_synthetic(session_dir / "synthetic", per_class=120, n_patients=20, size=48, seed=3)
+
+
+@pytest.fixture
+def settings_factory(tmp_path: Path):
+    def factory(**overrides) -> Settings:
+        return make_settings(tmp_path, **overrides)
+
+    return factory
+
+
+@pytest.fixture(scope="session")
+def champion(session_dir: Path, synthetic_dir: Path):
+    """Train a tiny model on generated data, register it as champion, import it into BentoML."""
+    from malaria.bento import import_model
+    from malaria.train import train
+
+    settings = make_settings(session_dir / "registry", data_dir=synthetic_dir)
+    record = train(settings)
+    stored = import_model(settings)
+    return settings, record, stored

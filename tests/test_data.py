@@ -1,0 +1,116 @@
+"""Data: patient ids, validation of bad files, patient-grouped split, dataset location, report."""
+
+import shutil
+
+import numpy as np
+import pandas as pd
+import pytest
+from PIL import Image
+
+from malaria.data import (
+    DataError,
+    ensure_dataset,
+    labels_of,
+    patient_id,
+    prepare,
+    read_manifest,
+    scan_dataset,
+    split_by_patient,
+)
+from malaria.report import dataset_report
+from malaria.spec import PARASITIZED
+
+
+@pytest.mark.parametrize(
+    "name, expected",
+    [
+        ("C100P61ThinF_IMG_20150918_144104_cell_163.png", "C100"),
+        ("C1_thinF_IMG_20150604_104722_cell_9.png", "C1"),
+        ("C59P20thinF_IMG_20150803_111333_cell_144.png", "C59"),
+        ("other_IMG_1.png", "other"),
+    ],
+)
+def test_patient_id_is_the_slide_number(name, expected):
+    assert patient_id(name) == expected
+
+
+def test_bad_files_are_reported_and_skipped(tmp_path, synthetic_dir, settings_factory):
+    root = tmp_path / "cells"
+    shutil.copytree(synthetic_dir, root)
+    parasitized = root / PARASITIZED
+    (parasitized / "C1P1_IMG_empty.png").write_bytes(b"")
+    (parasitized / "C1P1_IMG_text.png").write_bytes(b"not a png")
+    good = (parasitized / next(p.name for p in parasitized.iterdir() if p.suffix == ".png")).read_bytes()
+    (parasitized / "C1P1_IMG_truncated.png").write_bytes(good[: len(good) // 3])
+    Image.new("RGB", (4, 4)).save(parasitized / "C1P1_IMG_tiny.png")
+    (parasitized / "notes.txt").write_text("hello")
+
+    frame, report = scan_dataset(root, settings_factory())
+    assert report.kept == 240 == len(frame)
+    assert report.skipped["empty"] == [f"{PARASITIZED}/C1P1_IMG_empty.png"]
+    assert report.skipped["wrong size"] == [f"{PARASITIZED}/C1P1_IMG_tiny.png"]
+    assert sorted(report.skipped["not an image"] + report.skipped.get("unreadable", [])) == sorted(
+        [
+            f"{PARASITIZED}/C1P1_IMG_text.png",
+            f"{PARASITIZED}/C1P1_IMG_truncated.png",
+            f"{PARASITIZED}/notes.txt",
+        ]
+    )
+    assert "5 skipped" in report.summary()
+
+
+def test_missing_folder_and_empty_class_are_clear_errors(tmp_path, settings_factory):
+    with pytest.raises(DataError, match="does not exist"):
+        scan_dataset(tmp_path / "nowhere", settings_factory())
+    (tmp_path / "cells" / PARASITIZED).mkdir(parents=True)
+    (tmp_path / "cells" / "Uninfected").mkdir()
+    Image.new("RGB", (40, 40)).save(tmp_path / "cells" / "Uninfected" / "C1_IMG_a.png")
+    with pytest.raises(DataError, match="Parasitized"):
+        scan_dataset(tmp_path / "cells", settings_factory())
+
+
+def test_split_never_shares_a_patient_and_keeps_classes(synthetic_dir, settings_factory):
+    frame, _ = scan_dataset(synthetic_dir, settings_factory())
+    split = split_by_patient(frame, seed=1)
+    assert set(split["split"]) == {"train", "val", "test"}
+    assert split.groupby("patient")["split"].nunique().max() == 1
+    for _, part in split.groupby("split"):
+        assert 0.25 < labels_of(part).mean() < 0.75
+
+
+def test_split_is_deterministic_for_a_seed(synthetic_dir, settings_factory):
+    frame, _ = scan_dataset(synthetic_dir, settings_factory())
+    a, b = split_by_patient(frame, seed=5), split_by_patient(frame, seed=5)
+    pd.testing.assert_frame_equal(a, b)
+    assert not split_by_patient(frame, seed=6)["split"].equals(a["split"])
+
+
+def test_prepare_writes_manifest_and_report(synthetic_dir, settings_factory):
+    settings = settings_factory(data_dir=synthetic_dir)
+    prepare(settings)
+    manifest = read_manifest(settings.splits_path)
+    assert len(manifest) == 240 and set(manifest.columns) >= {"path", "label", "patient", "split"}
+    assert (settings.workspace_data_dir / "validation_report.json").is_file()
+
+
+def test_without_any_data_a_synthetic_set_is_generated_loudly(settings_factory, caplog):
+    settings = settings_factory(synthetic_per_class=12)
+    root = ensure_dataset(settings, allow_download=False)
+    assert "SYNTHETIC" in caplog.text
+    assert len(list((root / PARASITIZED).glob("*.png"))) == 12
+
+
+def test_missing_data_dir_setting_is_a_clear_error(settings_factory, tmp_path):
+    with pytest.raises(DataError, match="MALARIA_DATA_DIR"):
+        ensure_dataset(settings_factory(data_dir=tmp_path / "absent"))
+
+
+def test_dataset_report_has_counts_and_pictures(synthetic_dir, settings_factory, tmp_path):
+    frame, report = scan_dataset(synthetic_dir, settings_factory())
+    path = dataset_report(split_by_patient(frame, seed=1), synthetic_dir, report, tmp_path / "report")
+    text = path.read_text()
+    assert "240 usable images from 20 patients" in text
+    assert "| Parasitized |" in text and "Patient-grouped split" in text
+    for picture in ("class_balance.png", "image_sizes.png", "montage.png"):
+        with Image.open(tmp_path / "report" / picture) as image:
+            assert image.size[0] > 200 and np.asarray(image).std() > 0

@@ -1,0 +1,92 @@
+"""The full chain on generated data: train -> MLflow (SQLite) -> champion gate -> BentoML store."""
+
+import json
+
+import bentoml
+import mlflow
+import numpy as np
+import pytest
+
+from malaria.bento import load_stored_keras, stored_spec
+from malaria.registry import RegistryError, champion_version, get_version, promote_if_better
+from malaria.train import predict_probability
+
+pytestmark = pytest.mark.slow
+
+
+def test_training_writes_artifacts_and_learns(champion):
+    settings, record, _ = champion
+    folder = settings.artifacts_dir
+    for name in (
+        "model.keras",
+        "model_spec.json",
+        "history.json",
+        "metrics.json",
+        "confusion_matrix.png",
+        "roc_curve.png",
+        "learning_curves.png",
+        "reference_features.csv",
+    ):
+        assert (folder / name).is_file(), name
+    history = json.loads((folder / "history.json").read_text())
+    assert len(history["loss"]) == settings.epochs
+    # Generated parasitized cells carry obvious purple spots: even a 2-epoch model separates them.
+    assert record.metrics["test_roc_auc"] > 0.9
+
+
+def test_run_and_registry_hold_params_metrics_spec_and_signature(champion):
+    settings, record, _ = champion
+    mlflow.set_tracking_uri(settings.mlflow_tracking_uri)
+    run = mlflow.get_run(record.run_id)
+    assert run.data.params["image_size"] == "32" and run.data.params["profile"] == "quick"
+    assert {"val_accuracy", "test_roc_auc", "test_ece"} <= set(run.data.metrics)
+    info = mlflow.models.get_model_info(f"models:/{settings.registered_model_name}@champion")
+    assert info.signature.inputs.to_dict()[0]["tensor-spec"]["shape"] == (-1, 32, 32, 3)
+    assert info.metadata["spec"]["image_size"] == 32
+    champion_record = get_version(settings)
+    assert champion_record.version == record.version and champion_record.is_champion
+    assert champion_record.spec == record.spec
+
+
+def test_champion_alias_only_moves_for_a_model_at_least_as_good(champion):
+    settings, record, _ = champion
+    worse = {settings.gate_metric: record.metrics[settings.gate_metric] - 0.1}
+    mlflow.set_tracking_uri(settings.mlflow_tracking_uri)
+    client = mlflow.MlflowClient()
+    newer = client.create_model_version(
+        settings.registered_model_name, f"runs:/{record.run_id}/model", run_id=record.run_id
+    )
+    assert not promote_if_better(settings, newer.version, worse)
+    assert champion_version(settings) == record.version
+    assert promote_if_better(settings, newer.version, worse, force=True)
+    assert champion_version(settings) == str(newer.version)
+    client.set_registered_model_alias(settings.registered_model_name, "champion", record.version)
+
+
+def test_imported_bento_model_carries_spec_and_lineage(champion):
+    settings, record, stored = champion
+    assert bentoml.models.get(f"{settings.bento_model_name}:latest").tag == stored.tag
+    assert stored_spec(stored) == record.spec
+    meta = stored.info.metadata
+    assert meta["mlflow_version"] == record.version and meta["mlflow_run_id"] == record.run_id
+    assert meta["metrics"]["test_roc_auc"] == pytest.approx(record.metrics["test_roc_auc"], abs=1e-6)
+    assert stored.info.labels["registered_model"] == settings.registered_model_name
+
+
+def test_stored_model_predicts_like_the_trained_one(champion, synthetic_dir):
+    settings, record, stored = champion
+    from malaria.data import load_arrays
+
+    paths = sorted(str(p) for p in (synthetic_dir / "Parasitized").glob("*.png"))[:8]
+    images = load_arrays(paths, record.spec)
+    served = predict_probability(load_stored_keras(stored), images, record.spec)
+    import keras
+
+    trained = predict_probability(keras.saving.load_model(settings.artifacts_dir / "model.keras"), images, record.spec)
+    np.testing.assert_allclose(served, trained, atol=1e-5)
+
+
+def test_no_champion_is_a_clear_error(settings_factory):
+    settings = settings_factory(registered_model_name="nothing-here")
+    with pytest.raises(RegistryError, match="no @champion"):
+        get_version(settings)

@@ -1,0 +1,366 @@
+"""The Bento service as a real `bentoml serve` process on a tiny trained champion."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+from PIL import Image
+
+from malaria.serving import read_prediction_log
+from tests.conftest import REPO_ROOT
+
+pytestmark = pytest.mark.slow
+
+LIMITS = {
+    "MALARIA_MAX_IMAGES_PER_REQUEST": "8",
+    "MALARIA_MAX_IMAGE_BYTES": "300000",
+    "MALARIA_MAX_IMAGE_PIXELS": "1000000",
+}
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+class Server:
+    """A `bentoml serve` process from the repo root, stopped with SIGTERM like in production."""
+
+    def __init__(self, env: dict[str, str], log_dir: Path):
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log_dir = log_dir
+        self.output = log_dir.parent / f"server-{self.port}.log"
+        full_env = {**os.environ, **LIMITS, "MALARIA_PREDICTION_LOG_DIR": str(log_dir), **env}
+        self.process = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "bentoml",
+                "serve",
+                "service:MalariaClassifier",
+                "--port",
+                str(self.port),
+                "--host",
+                "127.0.0.1",
+            ],
+            cwd=REPO_ROOT,
+            env=full_env,
+            stdout=self.output.open("w"),
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"server exited:\n{self.output.read_text()[-3000:]}")
+            try:
+                if httpx.get(f"{self.url}/readyz", timeout=2).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.5)
+        self.stop()
+        raise RuntimeError(f"server not ready in 120 s:\n{self.output.read_text()[-3000:]}")
+
+    def stop(self) -> int:
+        if self.process.poll() is None:
+            os.killpg(self.process.pid, signal.SIGTERM)
+            try:
+                self.process.wait(30)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.process.pid, signal.SIGKILL)
+                self.process.wait(10)
+        return self.process.returncode
+
+
+@pytest.fixture(scope="module")
+def server(champion, tmp_path_factory):
+    srv = Server({}, tmp_path_factory.mktemp("serve") / "predictions")
+    srv.successes = 0
+    yield srv
+    srv.stop()
+
+
+@pytest.fixture(scope="module")
+def cells(synthetic_dir: Path) -> dict[str, list[Path]]:
+    return {label: sorted((synthetic_dir / label).glob("*.png"))[:16] for label in ("Parasitized", "Uninfected")}
+
+
+@pytest.fixture(scope="module")
+def expected(champion):
+    """In-process P(Parasitized) of a file: the stored model, the shared preprocessing, no HTTP."""
+    from malaria.bento import load_stored_keras
+    from malaria.preprocess import preprocess
+    from malaria.train import predict_probability
+
+    _, record, stored = champion
+    model = load_stored_keras(stored)
+
+    def probability(path: Path) -> float:
+        return float(predict_probability(model, preprocess(path, record.spec)[None], record.spec)[0])
+
+    return probability
+
+
+def png(image: Image.Image, fmt: str = "PNG", **kwargs) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, fmt, **kwargs)
+    return buffer.getvalue()
+
+
+def post_files(server, route: str, field: str, files: list[tuple[str, bytes]], **kwargs) -> httpx.Response:
+    response = httpx.post(
+        f"{server.url}/{route}", files=[(field, (n, b, "image/png")) for n, b in files], timeout=60, **kwargs
+    )
+    if response.status_code == 200:
+        body = response.json()
+        server.successes += 1 if route == "predict" else len(body if route == "classify" else body["predictions"])
+    return response
+
+
+def error_text(response: httpx.Response) -> str:
+    body = response.json()
+    body = body[0] if isinstance(body, list) else body
+    return body.get("error", "") + json.dumps(body.get("detail", ""))
+
+
+def test_predict_returns_a_complete_prediction(server, cells, champion, expected):
+    path = cells["Parasitized"][0]
+    response = post_files(
+        server, "predict", "image", [(path.name, path.read_bytes())], headers={"X-Request-ID": "req-123"}
+    )
+    assert response.status_code == 200, response.text
+    body = response.json()
+    assert body["probability_parasitized"] == pytest.approx(expected(path), abs=1e-4)
+    spec = champion[1].spec
+    assert body["label"] == spec.labels([body["probability_parasitized"]])[0]
+    assert body["decision"] == spec.decision(body["probability_parasitized"])
+    p = body["probability_parasitized"]
+    assert body["confidence"] == pytest.approx(p if body["label"] == "Parasitized" else 1 - p)
+    assert body["request_id"] == "req-123" and response.headers["x-request-id"] == "req-123"
+    assert body["filename"] == path.name and body["model_version"] == champion[1].version
+
+
+def test_classify_keeps_order_and_batch_predict_summarises(server, cells, expected):
+    paths = cells["Parasitized"][:3] + cells["Uninfected"][:3]
+    files = [(p.name, p.read_bytes()) for p in paths]
+    served = post_files(server, "classify", "images", files).json()
+    assert [r["filename"] for r in served] == [p.name for p in paths]
+    assert [r["probability_parasitized"] for r in served] == pytest.approx([expected(p) for p in paths], abs=1e-4)
+    body = post_files(server, "batch_predict", "images", files).json()
+    labels = [r["label"] for r in served]
+    assert body["summary"]["total"] == 6
+    assert body["summary"]["counts"] == {
+        "Parasitized": labels.count("Parasitized"),
+        "Uninfected": labels.count("Uninfected"),
+    }
+    assert sum(body["summary"]["decisions"].values()) == 6
+    assert [r["label"] for r in body["predictions"]] == labels
+    assert len({p["request_id"] for p in body["predictions"]}) == 1
+
+
+def test_model_info_describes_the_served_model(server, champion):
+    settings, record, stored = champion
+    info = httpx.post(f"{server.url}/model_info", json={}, timeout=10).json()
+    assert info["bento_model"] == str(stored.tag)
+    assert info["mlflow_version"] == record.version and info["mlflow_run_id"] == record.run_id
+    assert info["image_size"] == 32 and info["class_names"] == ["Parasitized", "Uninfected"]
+    assert info["threshold"] == record.spec.threshold and "test_roc_auc" in info["metrics"]
+
+
+def test_concurrent_single_image_calls_reach_the_model_in_batches(server, cells):
+    images = [p.read_bytes() for p in cells["Parasitized"] + cells["Uninfected"]] * 3
+
+    def one(data: bytes) -> int:
+        return post_files(server, "predict", "image", [("c.png", data)]).status_code
+
+    with ThreadPoolExecutor(32) as pool:
+        codes = list(pool.map(one, images))
+    assert codes == [200] * len(images)
+    metrics = httpx.get(f"{server.url}/metrics", timeout=10).text
+    buckets = {
+        float(le): float(v)
+        for le, v in re.findall(
+            r'adaptive_batch_size_bucket\{[^}]*le="([0-9.+Inf]+)"[^}]*method_name="infer"[^}]*\} ([0-9.e+]+)',
+            metrics,
+        )
+        if le != "+Inf"
+    } or {
+        float(le): float(v)
+        for le, v in re.findall(
+            r'adaptive_batch_size_bucket\{[^}]*method_name="infer"[^}]*le="([0-9.]+)"[^}]*\} ([0-9.e+]+)',
+            metrics,
+        )
+    }
+    count = float(re.search(r'adaptive_batch_size_count\{[^}]*method_name="infer"[^}]*\} ([0-9.e+]+)', metrics)[1])
+    assert count > 0 and buckets
+    assert buckets[1.0] < count, "every model call had batch size 1: no adaptive batching happened"
+    assert "malaria_predictions_total" in metrics and "malaria_probability_parasitized_bucket" in metrics
+
+
+def odd_images() -> dict[str, bytes]:
+    rng = np.random.default_rng(0)
+    base = Image.fromarray(rng.integers(0, 255, (50, 50, 3), dtype=np.uint8))
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    sixteen = Image.fromarray(np.asarray(base.convert("L"), dtype=np.uint16) * 257)
+    return {
+        "grayscale": png(base.convert("L")),
+        "rgba": png(base.convert("RGBA")),
+        "palette": png(base.convert("P")),
+        "16-bit": png(sixteen),
+        "cmyk-jpeg": png(base.convert("CMYK"), "JPEG"),
+        "exif-rotated": png(base, "JPEG", exif=exif.tobytes()),
+        "non-square": png(base.resize((80, 30))),
+        "very-small": png(base.resize((4, 4))),
+    }
+
+
+@pytest.mark.parametrize("kind", list(odd_images()))
+def test_odd_but_valid_images_are_accepted(server, kind):
+    response = post_files(server, "predict", "image", [(f"{kind}.png", odd_images()[kind])])
+    assert response.status_code == 200, response.text
+    assert 0.0 <= response.json()["probability_parasitized"] <= 1.0
+
+
+def bad_requests(cells) -> dict[str, tuple[str, dict, int, str]]:
+    good = cells["Parasitized"][0].read_bytes()
+    bomb = png(Image.new("L", (2000, 2000)))
+    big = png(Image.fromarray(np.random.default_rng(1).integers(0, 255, (400, 400, 3), dtype=np.uint8)))
+    return {
+        "not an image": (
+            "predict",
+            {"files": {"image": ("a.png", b"hello world", "image/png")}},
+            400,
+            "not a recognised image",
+        ),
+        "truncated": (
+            "predict",
+            {"files": {"image": ("t.png", good[: len(good) // 2], "image/png")}},
+            400,
+            "truncated",
+        ),
+        "empty": ("predict", {"files": {"image": ("e.png", b"", "image/png")}}, 400, "empty"),
+        "over byte limit": ("predict", {"files": {"image": ("b.png", big, "image/png")}}, 413, "bytes"),
+        "decompression bomb": (
+            "predict",
+            {"files": {"image": ("bomb.png", bomb, "image/png")}},
+            413,
+            "pixels",
+        ),
+        "too many images": (
+            "classify",
+            {"files": [("images", ("x.png", good, "image/png"))] * 9},
+            413,
+            "limit",
+        ),
+        "no images": ("classify", {"files": {"other": ("x.png", good, "image/png")}}, 400, "images"),
+        "missing field": ("predict", {"files": {"picture": ("x.png", good, "image/png")}}, 400, "image"),
+        "json instead of file": ("predict", {"json": {"image": "x"}}, 400, ""),
+    }
+
+
+@pytest.mark.parametrize(
+    "case",
+    [
+        "not an image",
+        "truncated",
+        "empty",
+        "over byte limit",
+        "decompression bomb",
+        "too many images",
+        "no images",
+        "missing field",
+        "json instead of file",
+    ],
+)
+def test_bad_input_gets_a_clear_4xx_and_the_server_stays_healthy(server, cells, case):
+    route, kwargs, status, message = bad_requests(cells)[case]
+    response = httpx.post(f"{server.url}/{route}", timeout=30, **kwargs)
+    assert response.status_code == status, response.text
+    assert message.lower() in error_text(response).lower()
+    assert httpx.get(f"{server.url}/livez", timeout=5).status_code == 200
+    assert post_files(server, "predict", "image", [("ok.png", cells["Uninfected"][0].read_bytes())]).status_code == 200
+
+
+def test_python_client_and_cli(server, cells, expected):
+    from typer.testing import CliRunner
+
+    from malaria.cli import app
+    from malaria.client import MalariaClient
+
+    with MalariaClient(server.url) as client:
+        one = client.predict(cells["Parasitized"][1])
+        many = client.classify(cells["Uninfected"][:3])
+        assert client.model_info()["image_size"] == 32
+    assert one["probability_parasitized"] == pytest.approx(expected(cells["Parasitized"][1]), abs=1e-4)
+    assert [m["filename"] for m in many] == [p.name for p in cells["Uninfected"][:3]]
+    folder = cells["Uninfected"][0].parent
+    result = CliRunner().invoke(app, ["predict", str(cells["Parasitized"][2]), "--url", server.url, "--json"])
+    assert result.exit_code == 0, result.output
+    printed = json.loads(result.output)[0]
+    assert printed["path"] == str(cells["Parasitized"][2])
+    assert printed["probability_parasitized"] == pytest.approx(expected(cells["Parasitized"][2]), abs=1e-4)
+    table = CliRunner().invoke(app, ["predict", str(folder), "--url", server.url, "--chunk", "8"])
+    assert table.exit_code == 0, table.output
+    rows = [line for line in table.output.splitlines() if line.startswith(str(folder))]
+    assert len(rows) == len(list(folder.glob("*.png"))) and "P(parasitized)" in table.output
+    server.successes += 5 + len(list(folder.glob("*.png")))
+
+
+def test_prediction_log_has_one_line_per_successful_prediction(server):
+    assert server.stop() is not None  # SIGTERM: the log is flushed on shutdown
+    rows = read_prediction_log(server.log_dir)
+    assert len(rows) == server.successes
+    row = rows[0]
+    for key in (
+        "time",
+        "request_id",
+        "model_version",
+        "probability_parasitized",
+        "label",
+        "decision",
+        "latency_ms",
+        "width",
+        "height",
+        "mean_r",
+        "std_b",
+        "brightness",
+    ):
+        assert key in row, key
+
+
+@pytest.fixture(scope="module")
+def secured(champion, tmp_path_factory):
+    srv = Server({"MALARIA_API_TOKEN": "s3cret"}, tmp_path_factory.mktemp("secured") / "predictions")
+    yield srv
+    srv.stop()
+
+
+def test_bearer_token_is_required_when_configured(secured, cells):
+    files = {"image": ("c.png", cells["Parasitized"][0].read_bytes(), "image/png")}
+    assert httpx.post(f"{secured.url}/predict", files=files, timeout=30).status_code == 401
+    wrong = httpx.post(f"{secured.url}/predict", files=files, headers={"Authorization": "Bearer nope"}, timeout=30)
+    assert wrong.status_code == 401 and "token" in wrong.json()["error"]
+    ok = httpx.post(f"{secured.url}/predict", files=files, headers={"Authorization": "Bearer s3cret"}, timeout=30)
+    assert ok.status_code == 200
+    assert httpx.get(f"{secured.url}/readyz", timeout=5).status_code == 200
+    from malaria.client import MalariaClient
+
+    with MalariaClient(secured.url, token="s3cret") as client:
+        assert client.predict(cells["Parasitized"][0])["request_id"]

@@ -1,0 +1,68 @@
+"""The model contract: label mapping, calibration, decisions."""
+
+import numpy as np
+import pytest
+from pydantic import ValidationError
+
+from malaria.spec import PARASITIZED, UNINFECTED, ModelSpec
+
+
+def test_sigmoid_of_the_positive_class_is_returned_as_is():
+    spec = ModelSpec(sigmoid_class=PARASITIZED)
+    assert spec.probability_positive(np.array([[0.9], [0.2]])) == pytest.approx([0.9, 0.2])
+
+
+def test_sigmoid_of_the_other_class_is_flipped():
+    # Keras' directory loader sorts classes: Parasitized=0, so its sigmoid is P(Uninfected).
+    spec = ModelSpec(sigmoid_class=UNINFECTED)
+    assert spec.probability_positive(np.array([[0.9], [0.2]])) == pytest.approx([0.1, 0.8])
+
+
+def test_softmax_reads_the_positive_column_by_class_order():
+    spec = ModelSpec(output="softmax", class_names=[UNINFECTED, PARASITIZED], sigmoid_class=None)
+    assert spec.probability_positive(np.array([[0.7, 0.3]])) == pytest.approx([0.3])
+
+
+def test_temperature_softens_without_moving_the_midpoint():
+    spec = ModelSpec(temperature=2.0)
+    p = spec.probability_positive(np.array([[0.5], [0.99], [0.01]]))
+    assert p[0] == pytest.approx(0.5)
+    assert 0.5 < p[1] < 0.99 and 0.01 < p[2] < 0.5
+
+
+def test_labels_and_decisions_follow_threshold_and_band():
+    spec = ModelSpec(threshold=0.5, refer_band=(0.3, 0.7))
+    assert spec.labels(np.array([0.2, 0.5, 0.9])) == [UNINFECTED, PARASITIZED, PARASITIZED]
+    assert [spec.decision(p) for p in (0.1, 0.4, 0.69, 0.7, 0.95)] == [
+        "uninfected",
+        "refer",
+        "refer",
+        "parasitized",
+        "parasitized",
+    ]
+    assert spec.decision(0.4, band=(0.0, 0.0)) == "uninfected"
+
+
+def test_spec_round_trips_through_metadata():
+    spec = ModelSpec(image_size=96, threshold=0.4, temperature=1.3)
+    assert ModelSpec.from_metadata({"spec": spec.model_dump(mode="json")}) == spec
+    assert ModelSpec.from_metadata({"spec": spec.to_json()}) == spec
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [
+        {"positive_class": "Other"},
+        {"class_names": ["A", "B", "C"], "positive_class": "A", "sigmoid_class": "A"},
+        {"refer_band": (0.8, 0.2)},
+        {"threshold": 1.5},
+    ],
+)
+def test_inconsistent_specs_are_rejected(bad):
+    with pytest.raises(ValidationError):
+        ModelSpec(**bad)
+
+
+def test_missing_spec_is_a_clear_error():
+    with pytest.raises(ValueError, match="no 'spec'"):
+        ModelSpec.from_metadata({})
