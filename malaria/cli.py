@@ -202,6 +202,89 @@ def predict(
 
 
 @app.command()
+def evaluate(
+    version: Annotated[str | None, typer.Option(help="Default: @champion.")] = None,
+    out: Annotated[Path, typer.Option(help="Report folder.")] = Path("reports/evaluation"),
+) -> None:
+    """Evaluate a registered model on unseen patients; save its threshold and refer band (Prefect flow)."""
+    from flows.evaluate import evaluate_flow
+
+    _settings()
+    result = _guarded(lambda: evaluate_flow(version=version, out_dir=out))
+    typer.echo(result.table())
+    typer.echo(f"threshold {result.spec.threshold:.3f}, refer band {result.spec.refer_band}; plots in {out}")
+
+
+@app.command()
+def drift(
+    hours: Annotated[float | None, typer.Option(help="Window: the last N hours of predictions (0 = all).")] = 24.0,
+    log_dir: Annotated[Path | None, typer.Option(help="Prediction log folder.")] = None,
+    reference: Annotated[Path | None, typer.Option(help="Reference CSV (default: the champion's).")] = None,
+    out: Annotated[Path, typer.Option(help="Report folder.")] = Path("reports/drift"),
+    min_predictions: Annotated[int, typer.Option()] = 50,
+) -> None:
+    """Evidently drift report of recent predictions vs training images. Exit 0: no drift, 3: drift (Prefect flow)."""
+    from flows.drift import drift_flow
+    from malaria.monitoring import NotEnoughPredictions
+
+    _settings()
+    try:
+        result = _guarded(
+            lambda: drift_flow(
+                hours=hours or None,
+                log_dir=log_dir,
+                reference_path=reference,
+                out_dir=out,
+                min_predictions=min_predictions,
+            )
+        )
+    except NotEnoughPredictions as exc:
+        _fail(str(exc))
+    typer.echo(result.summary())
+    typer.echo(f"report: {result.html}")
+    raise typer.Exit(3 if result.drift_detected else 0)
+
+
+@app.command("batch-predict")
+def batch_predict(
+    folder: Path,
+    url: Annotated[str, typer.Option(envvar="MALARIA_URL")] = "http://localhost:3000",
+    token: Annotated[str | None, typer.Option(envvar="MALARIA_API_TOKEN")] = None,
+    out: Annotated[Path, typer.Option(help="Output folder.")] = Path("reports/batch"),
+) -> None:
+    """Classify every image under FOLDER through a running service; CSV, JSON and summary (Prefect flow)."""
+    from flows.batch_predict import batch_predict_flow
+
+    _settings()
+    summary = batch_predict_flow(folder, url=url, token=token, out_dir=out)
+    typer.echo(
+        json.dumps({k: v for k, v in summary.items() if k != "unreadable"} | {"unreadable": len(summary["unreadable"])})
+    )
+
+
+@app.command()
+def pipeline(
+    force: Annotated[bool, typer.Option(help="Move @champion even if not better.")] = False,
+    build: Annotated[bool, typer.Option(help="Finish with `bentoml build`.")] = True,
+) -> None:
+    """prepare -> train -> evaluate -> champion gate -> BentoML import -> bento build (cached Prefect flow)."""
+    from flows.pipeline import training_pipeline
+
+    _settings()
+    typer.echo(json.dumps(_guarded(lambda: training_pipeline(force=force, build=build)), indent=2, default=str))
+
+
+@app.command("deploy-flows")
+def deploy_flows() -> None:
+    """Serve the flows as Prefect deployments (drift daily, evaluation weekly); keeps running."""
+    from prefect import serve
+
+    from flows.deploy import deployments
+
+    serve(*deployments())
+
+
+@app.command()
 def champion() -> None:
     """Show the current champion: version, run, spec and metrics."""
     from malaria.registry import get_version

@@ -2,7 +2,13 @@
 
 from __future__ import annotations
 
+import json
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+
 import numpy as np
+import pandas as pd
 
 FEATURE_COLUMNS = (
     "width",
@@ -38,3 +44,100 @@ def image_features_batch(batch: np.ndarray, sizes: list[tuple[int, int]]) -> lis
         }
         for (width, height), m, s, b in zip(sizes, means, stds, brightness, strict=True)
     ]
+
+
+DRIFT_FEATURES = [c for c in FEATURE_COLUMNS if c not in ("width", "height")] + ["width", "height"]
+PREDICTION_COLUMN = "probability_parasitized"
+
+
+class NotEnoughPredictions(ValueError):
+    """The window holds too few predictions for a meaningful drift test."""
+
+
+@dataclass
+class DriftResult:
+    """What an Evidently drift report found."""
+
+    drift_detected: bool
+    drifted_share: float
+    drifted_columns: list[str]
+    prediction_drift: bool
+    prediction_score: float
+    n_reference: int
+    n_current: int
+    html: Path
+    json: Path
+
+    def summary(self) -> str:
+        verdict = "DRIFT DETECTED" if self.drift_detected else "no drift"
+        return (
+            f"{verdict}: {len(self.drifted_columns)}/{len(DRIFT_FEATURES)} image features drifted "
+            f"({', '.join(self.drifted_columns) or 'none'}); predicted probability drift: "
+            f"{'yes' if self.prediction_drift else 'no'} (score {self.prediction_score:.3g}); "
+            f"{self.n_current} predictions vs {self.n_reference} reference images"
+        )
+
+
+def load_prediction_window(folder: Path, since: datetime | None = None) -> pd.DataFrame:
+    """Logged predictions (all days and processes) newer than ``since``."""
+    rows = []
+    for path in sorted(Path(folder).glob("predictions-*.jsonl")):
+        rows += [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    frame = pd.DataFrame(rows)
+    if frame.empty:
+        return frame
+    frame["time"] = pd.to_datetime(frame["time"], utc=True)
+    if since is not None:
+        frame = frame[frame["time"] >= pd.Timestamp(since)]
+    return frame.reset_index(drop=True)
+
+
+def drift_report(
+    reference: pd.DataFrame, current: pd.DataFrame, out_dir: Path, min_current: int = 50, drift_share: float = 0.5
+) -> DriftResult:
+    """Evidently DataDriftPreset over the image features plus value drift of the predicted probability."""
+    from evidently import DataDefinition, Dataset, Report
+    from evidently.metrics import ValueDrift
+    from evidently.presets import DataDriftPreset
+
+    if len(current) < min_current:
+        raise NotEnoughPredictions(
+            f"only {len(current)} predictions in the window; at least {min_current} are needed for a drift test"
+        )
+    columns = [*DRIFT_FEATURES, PREDICTION_COLUMN]
+    definition = DataDefinition(numerical_columns=columns)
+    report = Report(
+        [DataDriftPreset(columns=DRIFT_FEATURES, drift_share=drift_share), ValueDrift(column=PREDICTION_COLUMN)]
+    )
+    snapshot = report.run(
+        current_data=Dataset.from_pandas(current[columns].astype(float), data_definition=definition),
+        reference_data=Dataset.from_pandas(reference[columns].astype(float), data_definition=definition),
+    )
+    out_dir.mkdir(parents=True, exist_ok=True)
+    stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
+    html, json_path = out_dir / f"drift-{stamp}.html", out_dir / f"drift-{stamp}.json"
+    snapshot.save_html(str(html))
+    snapshot.save_json(str(json_path))
+
+    drifted, share, prediction_drift, prediction_score = [], 0.0, False, float("nan")
+    for metric in snapshot.dict()["metrics"]:
+        config, value = metric["config"], metric["value"]
+        if config["type"].endswith("DriftedColumnsCount"):
+            share = float(value["share"])
+        elif config["type"].endswith("ValueDrift"):
+            detected = value < config["threshold"] if "p_value" in config["method"] else value > config["threshold"]
+            if config["column"] == PREDICTION_COLUMN:
+                prediction_drift, prediction_score = bool(detected), float(value)
+            elif detected:
+                drifted.append(config["column"])
+    return DriftResult(
+        drift_detected=share >= drift_share or prediction_drift,
+        drifted_share=share,
+        drifted_columns=drifted,
+        prediction_drift=prediction_drift,
+        prediction_score=prediction_score,
+        n_reference=len(reference),
+        n_current=len(current),
+        html=html,
+        json=json_path,
+    )

@@ -209,3 +209,22 @@ def read_label_sidecar(model_path: Path) -> dict | None:
     """Labels next to a model file: ``<model>.labels.json`` with ``class_names`` (and ``sigmoid_class``)."""
     sidecar = model_path.with_suffix(".labels.json")
     return json.loads(sidecar.read_text()) if sidecar.is_file() else None
+
+
+def reference_features(settings: Settings, version: str | None = None):
+    """The drift reference (training-image features) saved with a version's training run."""
+    import mlflow
+    import pandas as pd
+
+    record = get_version(settings, version)
+    if record.run_id is None:
+        raise RegistryError(f"version {record.version} has no run, so no reference features")
+    try:
+        path = mlflow.artifacts.download_artifacts(
+            run_id=record.run_id, artifact_path="training_artifacts/reference_features.csv"
+        )
+    except Exception as exc:  # noqa: BLE001 - MLflow raises several types for a missing artifact
+        raise RegistryError(
+            f"version {record.version} has no training_artifacts/reference_features.csv (registered from outside?)"
+        ) from exc
+    return pd.read_csv(path)

@@ -217,14 +217,6 @@ class PredictionLog:
         self._thread.join(timeout)
 
 
-def read_prediction_log(folder: Path) -> list[dict]:
-    """Every logged prediction under ``folder`` (all days and processes)."""
-    rows = []
-    for path in sorted(Path(folder).glob("predictions-*.jsonl")):
-        rows += [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-    return rows
-
-
 def harden_multipart_parsing() -> None:
     """Answer 400, not 500, to a multipart file sent under a field name the endpoint does not take.
 

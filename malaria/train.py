@@ -77,7 +77,7 @@ def train(settings: Settings, force: bool = False) -> RegisteredVersion:
     import keras
 
     started = time.monotonic()
-    if not settings.splits_path.is_file() or settings.data_dir is not None:
+    if not settings.splits_path.is_file():
         prepare(settings)
     manifest = read_manifest(settings.splits_path)
     root = ensure_dataset(settings)

@@ -70,3 +70,47 @@ def champion(session_dir: Path, synthetic_dir: Path):
     record = train(settings)
     stored = import_model(settings)
     return settings, record, stored
+
+
+ENV_FIELDS = (
+    "data_dir",
+    "workspace_data_dir",
+    "artifacts_dir",
+    "mlflow_artifact_root",
+    "prediction_log_dir",
+    "image_size",
+    "epochs",
+    "batch_size",
+    "seed",
+    "profile",
+    "registered_model_name",
+    "bento_model_name",
+)
+
+
+@pytest.fixture
+def settings_env(monkeypatch, tmp_path):
+    """Make ``get_settings()`` (what flows and the CLI read) return these settings, through the environment."""
+    from malaria.config import get_settings
+
+    def apply(settings: Settings) -> Settings:
+        for field in ENV_FIELDS:
+            value = getattr(settings, field)
+            if value is not None:
+                monkeypatch.setenv(f"MALARIA_{field.upper()}", str(value))
+        monkeypatch.setenv("MLFLOW_TRACKING_URI", settings.mlflow_tracking_uri)
+        monkeypatch.setenv("MALARIA_LOG_DIR", str(tmp_path / "logs"))
+        get_settings.cache_clear()
+        return get_settings()
+
+    yield apply
+    get_settings.cache_clear()
+
+
+@pytest.fixture(scope="session")
+def prefect_harness():
+    """Prefect's local test server (temporary SQLite database) for the whole session."""
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=120):
+        yield

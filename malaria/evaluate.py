@@ -1,0 +1,130 @@
+"""Evaluation of a registered model on the patient-held-out test split, and its decision threshold."""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from sklearn.metrics import roc_curve
+
+from malaria import evaluation
+from malaria.config import Settings
+from malaria.data import ensure_dataset, read_manifest
+from malaria.registry import RegisteredVersion, client, load_keras_model, update_spec
+from malaria.spec import ModelSpec
+from malaria.train import load_split, predict_probability
+
+logger = logging.getLogger(__name__)
+
+METRIC_ROWS = ("accuracy", "precision", "sensitivity", "specificity", "f1", "roc_auc", "pr_auc", "ece")
+
+
+@dataclass
+class EvaluationResult:
+    version: str
+    spec: ModelSpec
+    metrics: dict[str, float]
+    referred_fraction: float
+    out_dir: Path
+
+    def table(self) -> str:
+        """The metrics as a markdown table (reads well in a terminal too)."""
+        rows = [f"| {name} | {self.metrics[name]:.4f} |" for name in METRIC_ROWS]
+        rows.append(f"| referred to a person | {self.referred_fraction:.2%} |")
+        return "\n".join(["| metric (test, unseen patients) | value |", "|---|---|", *rows])
+
+
+def choose_threshold(y_true: np.ndarray, probability: np.ndarray) -> float:
+    """The threshold with the best balanced accuracy (Youden's J) on validation data."""
+    fpr, tpr, thresholds = roc_curve(y_true, probability)
+    best = int(np.argmax(tpr - fpr))
+    return float(np.clip(thresholds[best], 0.01, 0.99))
+
+
+def choose_refer_band(
+    y_true: np.ndarray, probability: np.ndarray, threshold: float, target_accuracy: float
+) -> tuple[float, float]:
+    """The narrowest band around the threshold outside which validation accuracy reaches the target."""
+    predicted = probability >= threshold
+    correct = predicted == (y_true == 1)
+    distance = np.abs(probability - threshold)
+    for width in np.linspace(0.0, 0.5, 101):
+        kept = distance >= width
+        if kept.sum() == 0 or correct[kept].mean() >= target_accuracy:
+            return (round(max(0.0, threshold - width), 4), round(min(1.0, threshold + width), 4))
+    return (0.0, 1.0)
+
+
+def evaluate_model(
+    settings: Settings,
+    version: str | None = None,
+    out_dir: Path = Path("reports/evaluation"),
+    target_accuracy: float = 0.99,
+    save_spec: bool = True,
+) -> EvaluationResult:
+    """Metrics and plots of a registered version on the test split; threshold and band from validation."""
+    import mlflow
+
+    model, record = load_keras_model(settings, version)
+    manifest = read_manifest(settings.splits_path)
+    root = ensure_dataset(settings)
+    val = load_split(manifest, root, "val", record.spec, None, settings.seed)
+    test = load_split(manifest, root, "test", record.spec, None, settings.seed)
+
+    val_p = predict_probability(model, val.images, record.spec)
+    threshold = choose_threshold(val.labels, val_p)
+    band = choose_refer_band(val.labels, val_p, threshold, target_accuracy)
+    spec = record.spec.model_copy(update={"threshold": threshold, "refer_band": band})
+
+    test_p = predict_probability(model, test.images, spec)
+    metrics = evaluation.classification_metrics(test.labels, test_p, spec.threshold)
+    referred = float(np.mean([spec.decision(p) == "refer" for p in test_p]))
+    out_dir.mkdir(parents=True, exist_ok=True)
+    evaluation.plot_confusion_matrix(test.labels, test_p, spec, out_dir / "confusion_matrix.png")
+    evaluation.plot_roc(test.labels, test_p, out_dir / "roc_curve.png")
+    evaluation.plot_precision_recall(test.labels, test_p, out_dir / "precision_recall.png")
+    evaluation.plot_reliability(test.labels, test_p, out_dir / "reliability.png")
+    evaluation.plot_probability_histogram(test.labels, test_p, spec, out_dir / "probability_histogram.png")
+    result = EvaluationResult(record.version, spec, metrics, referred, out_dir)
+    (out_dir / "metrics.json").write_text(
+        json.dumps(
+            {
+                **metrics,
+                "threshold": threshold,
+                "refer_band": list(band),
+                "referred_fraction": referred,
+                "model_version": record.version,
+            },
+            indent=2,
+        )
+    )
+    (out_dir / "summary.md").write_text(_summary(record, result))
+    _log(settings, record, result, mlflow)
+    if save_spec:
+        update_spec(settings, record.version, spec)
+    logger.info("evaluated %s v%s:\n%s", record.name, record.version, result.table())
+    return result
+
+
+def _summary(record: RegisteredVersion, result: EvaluationResult) -> str:
+    low, high = result.spec.refer_band
+    return (
+        f"# Evaluation of {record.name} v{record.version}\n\n{result.table()}\n\n"
+        f"Threshold {result.spec.threshold:.3f} (best balanced accuracy on validation); cells with "
+        f"P(Parasitized) in [{low:.3f}, {high:.3f}) are referred to a person.\n"
+    )
+
+
+def _log(settings: Settings, record: RegisteredVersion, result: EvaluationResult, mlflow) -> None:
+    client(settings)
+    tags = {"model_name": record.name, "model_version": record.version, "kind": "evaluation"}
+    with mlflow.start_run(run_name=f"evaluate-v{record.version}", tags=tags):
+        mlflow.log_metrics({f"eval_{k}": v for k, v in result.metrics.items() if v == v})
+        mlflow.log_metrics({"eval_threshold": result.spec.threshold, "eval_referred": result.referred_fraction})
+        mlflow.log_artifacts(str(result.out_dir), artifact_path="evaluation")
+    mlflow_client = client(settings)
+    for key in ("accuracy", "roc_auc", "ece"):
+        mlflow_client.set_model_version_tag(record.name, record.version, f"eval.{key}", f"{result.metrics[key]:.4f}")

@@ -1,0 +1,166 @@
+"""Prefect flows on generated data, with Prefect's test harness and real MLflow / BentoML / bentoml serve."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import mlflow
+import numpy as np
+import pandas as pd
+import pytest
+from PIL import Image
+from sklearn import metrics as skm
+
+from malaria.data import generate_synthetic, load_arrays
+from malaria.monitoring import image_features_batch
+from malaria.registry import get_version, load_keras_model
+from malaria.train import predict_probability
+from tests.conftest import make_settings
+from tests.helpers import Server
+
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("prefect_harness")]
+
+
+@pytest.fixture(scope="module")
+def champion(tmp_path_factory, synthetic_dir):
+    """A champion of its own (registry and BentoML name), so flows that change it leave other tests alone."""
+    from malaria.bento import import_model
+    from malaria.train import train
+
+    settings = make_settings(
+        tmp_path_factory.mktemp("flows"),
+        data_dir=synthetic_dir,
+        registered_model_name="flow-classifier",
+        bento_model_name="flow-classifier",
+    )
+    record = train(settings)
+    return settings, record, import_model(settings)
+
+
+def test_evaluate_flow_matches_scikit_learn_and_saves_the_threshold(champion, settings_env, tmp_path):
+    from flows.evaluate import evaluate_flow
+    from malaria.data import read_manifest
+
+    settings = settings_env(champion[0])
+    result = evaluate_flow(out_dir=tmp_path / "evaluation")
+
+    model, record = load_keras_model(settings)
+    manifest = read_manifest(settings.splits_path)
+    test = manifest[manifest["split"] == "test"]
+    y = (test["label"] == "Parasitized").to_numpy().astype(int)
+    p = predict_probability(model, load_arrays([settings.data_dir / f for f in test["path"]], record.spec), record.spec)
+    predicted = (p >= result.spec.threshold).astype(int)
+    assert result.metrics["accuracy"] == pytest.approx(skm.accuracy_score(y, predicted))
+    assert result.metrics["sensitivity"] == pytest.approx(skm.recall_score(y, predicted))
+    assert result.metrics["specificity"] == pytest.approx(skm.recall_score(1 - y, 1 - predicted))
+    assert result.metrics["f1"] == pytest.approx(skm.f1_score(y, predicted))
+    assert result.metrics["roc_auc"] == pytest.approx(skm.roc_auc_score(y, p))
+    assert result.metrics["pr_auc"] == pytest.approx(skm.average_precision_score(y, p))
+
+    for plot in ("confusion_matrix", "roc_curve", "precision_recall", "reliability", "probability_histogram"):
+        assert (tmp_path / "evaluation" / f"{plot}.png").stat().st_size > 5000
+    assert "| accuracy |" in (tmp_path / "evaluation" / "summary.md").read_text()
+    assert record.spec.threshold == result.spec.threshold and record.spec.refer_band == result.spec.refer_band
+    runs = mlflow.search_runs(experiment_names=[settings.experiment_name], filter_string="tags.kind = 'evaluation'")
+    assert runs["metrics.eval_accuracy"].iloc[0] == pytest.approx(result.metrics["accuracy"])
+
+
+def _write_prediction_log(folder: Path, images_dir: Path, champion, transform=None) -> int:
+    """Log lines as the service writes them, for images from ``images_dir`` (optionally transformed)."""
+    settings, record, _ = champion
+    paths = sorted(images_dir.rglob("*.png"))
+    model, _ = load_keras_model(settings)
+    batch = load_arrays(paths, record.spec)
+    if transform is not None:
+        batch = transform(batch)
+    probability = predict_probability(model, batch, record.spec)
+    sizes = [Image.open(p).size for p in paths]
+    folder.mkdir(parents=True, exist_ok=True)
+    with (folder / "predictions-2026-01-01-1.jsonl").open("w") as handle:
+        for features, p in zip(image_features_batch(batch, sizes), probability, strict=True):
+            row = {"time": pd.Timestamp.now(tz="UTC").isoformat(), "probability_parasitized": float(p), **features}
+            handle.write(json.dumps(row) + "\n")
+    return len(paths)
+
+
+@pytest.fixture(scope="module")
+def fresh_cells(tmp_path_factory) -> Path:
+    """New cells from the same generator (other seed and patients) as the training data."""
+    return generate_synthetic(tmp_path_factory.mktemp("fresh"), per_class=60, n_patients=10, size=48, seed=99)
+
+
+def test_drift_is_not_flagged_for_the_same_distribution(champion, settings_env, fresh_cells, tmp_path):
+    from flows.drift import drift_flow
+
+    settings_env(champion[0])
+    n = _write_prediction_log(tmp_path / "log", fresh_cells, champion)
+    result = drift_flow(hours=None, log_dir=tmp_path / "log", out_dir=tmp_path / "reports")
+    assert result.n_current == n and not result.drift_detected, result.summary()
+    assert result.html.is_file() and json.loads(result.json.read_text())["metrics"]
+
+
+def test_drift_is_flagged_for_darker_bluer_images(champion, settings_env, fresh_cells, tmp_path):
+    from flows.drift import drift_flow
+
+    settings_env(champion[0])
+
+    def darker_bluer(batch: np.ndarray) -> np.ndarray:
+        shifted = batch * np.array([0.55, 0.6, 1.0], dtype=np.float32)
+        shifted[..., 2] += 0.15
+        return np.clip(shifted, 0, 1)
+
+    _write_prediction_log(tmp_path / "log", fresh_cells, champion, darker_bluer)
+    result = drift_flow(hours=None, log_dir=tmp_path / "log", out_dir=tmp_path / "reports")
+    assert result.drift_detected, result.summary()
+    assert {"mean_r", "mean_g", "brightness"} <= set(result.drifted_columns)
+
+
+def test_drift_with_too_few_predictions_says_so(champion, settings_env, tmp_path):
+    from flows.drift import drift_flow
+    from malaria.monitoring import NotEnoughPredictions
+
+    settings_env(champion[0])
+    with pytest.raises(NotEnoughPredictions, match="at least 50"):
+        drift_flow(hours=None, log_dir=tmp_path / "empty-log", out_dir=tmp_path / "reports")
+
+
+def test_batch_predict_flow_against_a_real_service(champion, fresh_cells, tmp_path):
+    settings = champion[0]
+    from flows.batch_predict import batch_predict_flow
+
+    folder = tmp_path / "to-classify"
+    folder.mkdir()
+    originals = sorted(fresh_cells.rglob("*.png"))[:30]
+    for path in originals:
+        (folder / path.name).write_bytes(path.read_bytes())
+    (folder / "broken.png").write_bytes(b"not an image")
+    server = Server({"MALARIA_BENTO_MODEL_NAME": settings.bento_model_name}, tmp_path / "predictions")
+    try:
+        summary = batch_predict_flow(folder, url=server.url, chunk_size=8, out_dir=tmp_path / "out")
+    finally:
+        server.stop()
+    assert summary["total"] == 31 and summary["classified"] == 30
+    assert [u["path"] for u in summary["unreadable"]] == [str(folder / "broken.png")]
+    table = pd.read_csv(tmp_path / "out" / "predictions.csv")
+    assert sorted(table["path"]) == sorted(str(p) for p in folder.iterdir())
+    assert sum(summary["counts"].values()) == 30
+
+
+def test_pipeline_caches_unchanged_steps(synthetic_dir, settings_env, tmp_path):
+    from flows.pipeline import training_pipeline
+
+    settings = settings_env(
+        make_settings(
+            tmp_path,
+            data_dir=synthetic_dir,
+            epochs=2,
+            registered_model_name="pipeline-classifier",
+            bento_model_name="pipeline-classifier",
+        )
+    )
+    first = training_pipeline(build=False)
+    second = training_pipeline(build=False)
+    assert first["trained"]["version"] == second["trained"]["version"] == "1"
+    assert get_version(settings).version == "1"  # the second run trained nothing new
+    assert second["bento_model"] == first["bento_model"]
