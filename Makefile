@@ -9,7 +9,7 @@ BENTO_MODEL ?= malaria-classifier
 export PREFECT_SERVER_ANALYTICS_ENABLED ?= false
 export TF_CPP_MIN_LOG_LEVEL ?= 2
 
-.PHONY: install model data report train import serve test test-fast lint format bento bento-offline clean
+.PHONY: install model data report train evaluate import serve test test-fast lint format bento bento-offline bench soak clean
 
 $(BIN)/malaria: pyproject.toml requirements/serving.txt requirements/train.txt
 	$(PYTHON) -m venv $(VENV)
@@ -28,10 +28,13 @@ report: install ## dataset report under reports/data/
 train: install ## train, log to MLflow, register, gate @champion
 	$(BIN)/malaria train
 
+evaluate: install ## test metrics and plots; threshold and refer band saved to the registry
+	$(BIN)/malaria evaluate
+
 import: install ## MLflow @champion -> BentoML model store
 	$(BIN)/malaria import-model
 
-model: data train import ## data -> split -> train -> register -> BentoML store
+model: data train evaluate import ## data -> split -> train -> register -> evaluate -> BentoML store
 
 serve: install ## serve the champion on $(PORT) (builds it first if the store has none)
 	@$(BIN)/bentoml models get $(BENTO_MODEL):latest >/dev/null 2>&1 || $(MAKE) model
@@ -57,6 +60,12 @@ bento: install ## bentoml build (requirements locked against the package index)
 bento-offline: install ## bentoml build without a package index (no lock)
 	mkdir -p build && sed 's/lock_packages: true/lock_packages: false/' bentofile.yaml > build/bentofile.offline.yaml
 	$(BIN)/bentoml build -f build/bentofile.offline.yaml .
+
+bench: install ## limit vs served throughput in one run -> benchmarks/results.json, benchmarks/README.md
+	$(BIN)/python benchmarks/bench.py
+
+soak: install ## 10 minutes of Locust at concurrency 32 against a fresh server; RSS at start and end
+	cd benchmarks && ../$(BIN)/python soak.py
 
 clean:
 	rm -rf build dist .pytest_cache .ruff_cache coverage.xml .coverage

@@ -8,20 +8,25 @@ from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
 from malaria.config import get_settings
-from malaria.evaluate import METRIC_ROWS, EvaluationResult, evaluate_model
+from malaria.evaluate import METRIC_ROWS, EvaluationResult, ThresholdObjective, evaluate_model
 
 
 @task
-def evaluate_task(version: str | None, out_dir: Path, target_accuracy: float) -> EvaluationResult:
-    return evaluate_model(get_settings(), version, out_dir, target_accuracy=target_accuracy)
+def evaluate_task(
+    version: str | None, out_dir: Path, objective: ThresholdObjective, target_accuracy: float
+) -> EvaluationResult:
+    return evaluate_model(get_settings(), version, out_dir, objective=objective, target_accuracy=target_accuracy)
 
 
 @flow(name="evaluate", log_prints=True)
 def evaluate_flow(
-    version: str | None = None, out_dir: Path = Path("reports/evaluation"), target_accuracy: float = 0.99
+    version: str | None = None,
+    out_dir: Path = Path("reports/evaluation"),
+    objective: ThresholdObjective = "calibrated",
+    target_accuracy: float = 0.985,
 ) -> EvaluationResult:
     """Metrics, plots, threshold and refer band of a registered model; logged to MLflow and Prefect."""
-    result = evaluate_task(version, out_dir, target_accuracy)
+    result = evaluate_task(version, out_dir, objective, target_accuracy)
     create_markdown_artifact(
         key="evaluation-summary",
         markdown=(out_dir / "summary.md").read_text(),

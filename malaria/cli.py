@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Annotated
 
@@ -10,6 +11,9 @@ import typer
 
 from malaria.config import Settings, get_settings
 from malaria.logging_setup import configure_logging
+
+# Prefect's temporary local server otherwise logs a harmless telemetry lock error.
+os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 
 app = typer.Typer(
     help="Malaria cell classifier: data, training, registry, serving helpers.",
@@ -205,13 +209,15 @@ def predict(
 def evaluate(
     version: Annotated[str | None, typer.Option(help="Default: @champion.")] = None,
     out: Annotated[Path, typer.Option(help="Report folder.")] = Path("reports/evaluation"),
+    objective: Annotated[
+        str, typer.Option(help="Threshold: calibrated (0.5), youden, or sensitivity (>= 0.95 on validation).")
+    ] = "calibrated",
 ) -> None:
     """Evaluate a registered model on unseen patients; save its threshold and refer band (Prefect flow)."""
     from flows.evaluate import evaluate_flow
 
     _settings()
-    result = _guarded(lambda: evaluate_flow(version=version, out_dir=out))
-    typer.echo(result.table())
+    result = _guarded(lambda: evaluate_flow(version=version, out_dir=out, objective=objective))
     typer.echo(f"threshold {result.spec.threshold:.3f}, refer band {result.spec.refer_band}; plots in {out}")
 
 

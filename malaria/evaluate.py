@@ -6,6 +6,7 @@ import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 from sklearn.metrics import roc_curve
@@ -34,35 +35,66 @@ class EvaluationResult:
         """The metrics as a markdown table (reads well in a terminal too)."""
         rows = [f"| {name} | {self.metrics[name]:.4f} |" for name in METRIC_ROWS]
         rows.append(f"| referred to a person | {self.referred_fraction:.2%} |")
+        rows.append(f"| accuracy of the cells not referred | {self.metrics['accuracy_decided']:.4f} |")
         return "\n".join(["| metric (test, unseen patients) | value |", "|---|---|", *rows])
 
 
-def choose_threshold(y_true: np.ndarray, probability: np.ndarray) -> float:
-    """The threshold with the best balanced accuracy (Youden's J) on validation data."""
+ThresholdObjective = Literal["calibrated", "youden", "sensitivity"]
+
+
+def choose_threshold(
+    y_true: np.ndarray,
+    probability: np.ndarray,
+    objective: ThresholdObjective = "calibrated",
+    target_sensitivity: float = 0.95,
+) -> float:
+    """The decision threshold, chosen on validation data.
+
+    ``calibrated``: 0.5, the accuracy-optimal cut of a probability calibrated on validation data;
+    ``youden``: the best balanced accuracy; ``sensitivity``: the highest threshold that still finds
+    ``target_sensitivity`` of the parasitized cells.
+    """
+    if objective == "calibrated":
+        return 0.5
     fpr, tpr, thresholds = roc_curve(y_true, probability)
-    best = int(np.argmax(tpr - fpr))
+    best = int(np.argmax(tpr - fpr) if objective == "youden" else np.argmax(tpr >= target_sensitivity))
     return float(np.clip(thresholds[best], 0.01, 0.99))
 
 
 def choose_refer_band(
-    y_true: np.ndarray, probability: np.ndarray, threshold: float, target_accuracy: float
+    y_true: np.ndarray,
+    probability: np.ndarray,
+    threshold: float,
+    target_accuracy: float = 0.99,
+    max_referred: float = 0.15,
 ) -> tuple[float, float]:
-    """The narrowest band around the threshold outside which validation accuracy reaches the target."""
-    predicted = probability >= threshold
-    correct = predicted == (y_true == 1)
+    """The narrowest band around the threshold outside which validation accuracy reaches the target.
+
+    The band never holds more than ``max_referred`` of the validation cells: if the target needs
+    more, the band stops there.
+    """
+    correct = (probability >= threshold) == (y_true == 1)
     distance = np.abs(probability - threshold)
-    for width in np.linspace(0.0, 0.5, 101):
-        kept = distance >= width
-        if kept.sum() == 0 or correct[kept].mean() >= target_accuracy:
-            return (round(max(0.0, threshold - width), 4), round(min(1.0, threshold + width), 4))
-    return (0.0, 1.0)
+    order = np.argsort(distance)
+    # Referring the k closest cells: accuracy of the rest, for every k allowed.
+    correct_sorted = correct[order]
+    kept_correct = correct_sorted[::-1].cumsum()[::-1]
+    n = len(order)
+    width = 0.0
+    for k in range(int(max_referred * n) + 1):
+        if k == n or kept_correct[k] / (n - k) >= target_accuracy:
+            width = float(distance[order[k - 1]]) + 1e-6 if k else 0.0
+            break
+        width = float(distance[order[k]])
+    return (max(0.0, threshold - width), min(1.0, threshold + width))
 
 
 def evaluate_model(
     settings: Settings,
     version: str | None = None,
     out_dir: Path = Path("reports/evaluation"),
-    target_accuracy: float = 0.99,
+    objective: ThresholdObjective = "calibrated",
+    target_accuracy: float = 0.985,
     save_spec: bool = True,
 ) -> EvaluationResult:
     """Metrics and plots of a registered version on the test split; threshold and band from validation."""
@@ -75,13 +107,16 @@ def evaluate_model(
     test = load_split(manifest, root, "test", record.spec, None, settings.seed)
 
     val_p = predict_probability(model, val.images, record.spec)
-    threshold = choose_threshold(val.labels, val_p)
+    threshold = choose_threshold(val.labels, val_p, objective)
     band = choose_refer_band(val.labels, val_p, threshold, target_accuracy)
     spec = record.spec.model_copy(update={"threshold": threshold, "refer_band": band})
 
     test_p = predict_probability(model, test.images, spec)
     metrics = evaluation.classification_metrics(test.labels, test_p, spec.threshold)
-    referred = float(np.mean([spec.decision(p) == "refer" for p in test_p]))
+    referred_mask = np.array([spec.decision(p) == "refer" for p in test_p])
+    referred = float(referred_mask.mean())
+    decided = ~referred_mask
+    metrics["accuracy_decided"] = float(((test_p[decided] >= spec.threshold) == (test.labels[decided] == 1)).mean())
     out_dir.mkdir(parents=True, exist_ok=True)
     evaluation.plot_confusion_matrix(test.labels, test_p, spec, out_dir / "confusion_matrix.png")
     evaluation.plot_roc(test.labels, test_p, out_dir / "roc_curve.png")
@@ -105,7 +140,6 @@ def evaluate_model(
     _log(settings, record, result, mlflow)
     if save_spec:
         update_spec(settings, record.version, spec)
-    logger.info("evaluated %s v%s:\n%s", record.name, record.version, result.table())
     return result
 
 
@@ -113,7 +147,7 @@ def _summary(record: RegisteredVersion, result: EvaluationResult) -> str:
     low, high = result.spec.refer_band
     return (
         f"# Evaluation of {record.name} v{record.version}\n\n{result.table()}\n\n"
-        f"Threshold {result.spec.threshold:.3f} (best balanced accuracy on validation); cells with "
+        f"Threshold {result.spec.threshold:.3f} (chosen on validation data); cells with "
         f"P(Parasitized) in [{low:.3f}, {high:.3f}) are referred to a person.\n"
     )
 

@@ -30,7 +30,7 @@ class TrainingProfile:
 
 
 PROFILES: dict[str, TrainingProfile] = {
-    "quick": TrainingProfile("quick", image_size=64, width=0.25, epochs=12, learning_rate=2e-3, pretrained=False),
+    "quick": TrainingProfile("quick", image_size=64, width=0.25, epochs=16, learning_rate=2e-3, pretrained=False),
     "full": TrainingProfile("full", image_size=128, width=1.0, epochs=15, learning_rate=1e-4, pretrained=True),
 }
 
@@ -57,7 +57,7 @@ def build_model(profile: TrainingProfile, image_size: int, seed: int = 0):
                 x = layers.ReLU(name=f"block{block}_relu{conv}")(x)
             x = layers.MaxPooling2D(2, name=f"block{block}_pool")(x)
         x = layers.GlobalAveragePooling2D()(x)
-        x = layers.Dropout(0.3)(x)
+        x = layers.Dropout(0.2)(x)
     outputs = layers.Dense(1, activation="sigmoid", name="p_parasitized")(x)
     return keras.Model(inputs, outputs, name=f"vgg16_{profile.name}")
 
@@ -79,23 +79,19 @@ def _vgg16_pretrained(inputs, image_size: int):
 
 
 def augmentation_pipeline(images: np.ndarray, labels: np.ndarray, batch_size: int, seed: int):
-    """A shuffled, augmented ``tf.data`` pipeline: flips, rotations, shifts, colour jitter."""
+    """A shuffled, augmented ``tf.data`` pipeline: flips, rotations, brightness and contrast jitter."""
     import tensorflow as tf
     from keras import layers
 
-    geometric = [
-        layers.RandomRotation(0.5, fill_mode="constant", fill_value=0.0, seed=seed),
-        layers.RandomTranslation(0.08, 0.08, fill_mode="constant", fill_value=0.0, seed=seed + 1),
-    ]
+    # Cells are centred and round: any rotation or flip is a valid view, a shift may crop a parasite.
+    rotation = layers.RandomRotation(0.5, fill_mode="constant", fill_value=0.0, seed=seed)
 
     def augment(x, y):
         x = tf.image.random_flip_left_right(x)
         x = tf.image.random_flip_up_down(x)
-        for layer in geometric:
-            x = layer(x, training=True)
+        x = rotation(x, training=True)
         x = tf.image.random_brightness(x, 0.08)
         x = tf.image.random_contrast(x, 0.85, 1.15)
-        x = tf.image.random_saturation(x, 0.85, 1.15)
         return tf.clip_by_value(x, 0.0, 1.0), y
 
     return (

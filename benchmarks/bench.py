@@ -1,0 +1,321 @@
+"""`make bench`: the model's in-process limit and the served throughput, measured in one run.
+
+Writes ``benchmarks/results.json`` and the table in ``benchmarks/README.md``. Needs a model in the
+BentoML store (``make model``). Cell images come from ``MALARIA_DATA_DIR`` when set, else they are
+generated. One asyncio client process drives the load (it shares the 2 cores; its CPU is reported).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import platform
+import re
+import resource
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import aiohttp
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+OUT = Path(__file__).resolve().parent
+SECONDS = float(os.environ.get("BENCH_SECONDS", "15"))
+WARMUP = 3.0
+CONCURRENCY = (1, 8, 32, 64)
+MULTI_PER_REQUEST = 16
+MULTI_CONCURRENCY = 8
+
+
+def sample_images(n: int = 256) -> list[bytes]:
+    """Real cell images when MALARIA_DATA_DIR is set, else generated ones (PNG bytes)."""
+    from malaria.data import generate_synthetic
+
+    root = os.environ.get("MALARIA_DATA_DIR")
+    if not root:
+        root = generate_synthetic(Path(tempfile.mkdtemp()) / "cells", per_class=n // 2, size=128)
+    paths = sorted(Path(root).rglob("*.png"))
+    rng = np.random.default_rng(0)
+    return [paths[i].read_bytes() for i in rng.choice(len(paths), size=min(n, len(paths)), replace=False)]
+
+
+def in_process_limit(images: list[bytes], batch_size: int) -> float:
+    """Images/s of decode + preprocessing + the service's compiled inference call, no HTTP."""
+    import bentoml
+    import tensorflow as tf
+
+    from malaria.bento import load_stored_keras, stored_spec
+    from malaria.config import get_settings
+    from malaria.model import compiled_predict
+    from malaria.preprocess import preprocess_batch
+
+    settings = get_settings()
+    tf.config.threading.set_intra_op_parallelism_threads(settings.tf_intra_op_threads)
+    tf.config.threading.set_inter_op_parallelism_threads(settings.tf_inter_op_threads)
+    stored = bentoml.models.get(f"{settings.bento_model_name}:latest")
+    spec = stored_spec(stored)
+    predict = compiled_predict(load_stored_keras(stored))
+
+    def step(i: int) -> None:
+        chosen = [images[(i + k) % len(images)] for k in range(batch_size)]
+        spec.probability_positive(predict(preprocess_batch(chosen, spec)))
+
+    step(0)
+    done, i, start = 0, 0, time.perf_counter()
+    while time.perf_counter() - start < SECONDS:
+        step(i)
+        done += batch_size
+        i += batch_size
+    return done / (time.perf_counter() - start)
+
+
+class Server:
+    """A server process (bentoml serve or uvicorn) on a free port; stopped with SIGTERM."""
+
+    def __init__(self, command: list[str], env: dict[str, str], port: int):
+        self.url = f"http://127.0.0.1:{port}"
+        self.log = open(OUT / f"server-{port}.log", "w")  # noqa: SIM115 - closed in stop()
+        self.process = subprocess.Popen(
+            command,
+            cwd=ROOT,
+            env={**os.environ, **env},
+            stdout=self.log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+        deadline = time.monotonic() + 180
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"server exited; see {self.log.name}")
+            try:
+                import urllib.request
+
+                with urllib.request.urlopen(f"{self.url}/readyz", timeout=2) as response:
+                    if response.status == 200:
+                        return
+            except OSError:
+                time.sleep(0.5)
+        raise RuntimeError("server not ready in 180 s")
+
+    def rss_mb(self) -> float:
+        import psutil
+
+        parent = psutil.Process(self.process.pid)
+        return sum(p.memory_info().rss for p in [parent, *parent.children(recursive=True)]) / 1e6
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            os.killpg(self.process.pid, signal.SIGTERM)
+            try:
+                self.process.wait(30)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.process.pid, signal.SIGKILL)
+        self.log.close()
+
+
+def bento_server(port: int, **env: str) -> Server:
+    command = [
+        sys.executable,
+        "-m",
+        "bentoml",
+        "serve",
+        "service:MalariaClassifier",
+        "--port",
+        str(port),
+        "--host",
+        "127.0.0.1",
+    ]
+    logs = tempfile.mkdtemp(prefix="bench-predictions-")
+    return Server(command, {"MALARIA_PREDICTION_LOG_DIR": logs, **env}, port)
+
+
+def batch_stats(metrics: str) -> tuple[float, float]:
+    """(sum, count) of the model method's adaptive_batch_size histogram."""
+
+    def value(kind: str) -> float:
+        found = re.findall(rf'adaptive_batch_size_{kind}\{{[^}}]*method_name="infer"[^}}]*\}} ([0-9.e+]+)', metrics)
+        return sum(float(v) for v in found)
+
+    return value("sum"), value("count")
+
+
+async def load(url: str, route: str, field: str, images: list[bytes], concurrency: int, per_request: int = 1) -> dict:
+    """Closed-loop load for SECONDS after a warm-up: throughput, latency percentiles, errors, client CPU."""
+    connector = aiohttp.TCPConnector(limit=concurrency)
+    timeout = aiohttp.ClientTimeout(total=120)
+    async with aiohttp.ClientSession(connector=connector, timeout=timeout) as session:
+
+        async def scrape() -> tuple[float, float]:
+            try:
+                async with session.get(f"{url}/metrics") as response:
+                    return batch_stats(await response.text())
+            except aiohttp.ClientError:
+                return 0.0, 0.0
+
+        latencies: list[float] = []
+        errors: dict[str, int] = {}
+        state = {"measuring": False, "stop": False}
+
+        async def worker(index: int) -> None:
+            i = index * 7
+            while not state["stop"]:
+                form = aiohttp.FormData()
+                for k in range(per_request):
+                    form.add_field(
+                        field, images[(i + k) % len(images)], filename=f"cell{k}.png", content_type="image/png"
+                    )
+                i += per_request
+                start = time.perf_counter()
+                try:
+                    async with session.post(f"{url}/{route}", data=form) as response:
+                        await response.read()
+                        status = response.status
+                except aiohttp.ClientError as exc:
+                    status = type(exc).__name__
+                if state["measuring"]:
+                    if status == 200:
+                        latencies.append(time.perf_counter() - start)
+                    else:
+                        errors[str(status)] = errors.get(str(status), 0) + 1
+
+        tasks = [asyncio.create_task(worker(i)) for i in range(concurrency)]
+        await asyncio.sleep(WARMUP)
+        before = await scrape()
+        cpu_before = resource.getrusage(resource.RUSAGE_SELF)
+        state["measuring"], started = True, time.perf_counter()
+        await asyncio.sleep(SECONDS)
+        state["measuring"], elapsed = False, time.perf_counter() - started
+        cpu_after = resource.getrusage(resource.RUSAGE_SELF)
+        state["stop"] = True
+        await asyncio.gather(*tasks)
+        after = await scrape()
+    cpu = (cpu_after.ru_utime - cpu_before.ru_utime) + (cpu_after.ru_stime - cpu_before.ru_stime)
+    ms = np.array(latencies) * 1000 if latencies else np.array([float("nan")])
+    batches = after[1] - before[1]
+    return {
+        "route": route,
+        "concurrency": concurrency,
+        "images_per_request": per_request,
+        "images_per_s": round(len(latencies) * per_request / elapsed, 1),
+        "p50_ms": round(float(np.percentile(ms, 50)), 1),
+        "p95_ms": round(float(np.percentile(ms, 95)), 1),
+        "p99_ms": round(float(np.percentile(ms, 99)), 1),
+        "errors": sum(errors.values()),
+        "error_kinds": errors,
+        "mean_batch": round((after[0] - before[0]) / batches, 2) if batches else None,
+        "client_cpu_percent": round(100 * cpu / elapsed, 1),
+    }
+
+
+def sweep(server: Server, images: list[bytes], name: str) -> list[dict]:
+    points = []
+    for concurrency in CONCURRENCY:
+        point = asyncio.run(load(server.url, "predict", "image", images, concurrency))
+        print(f"{name:>10} /predict  c={concurrency:<3} {point}", flush=True)
+        points.append({"service": name, **point})
+    return points
+
+
+def main() -> None:
+    images = sample_images()
+    results: dict = {
+        "machine": {"cpus": os.cpu_count(), "platform": platform.platform()},
+        "seconds_per_point": SECONDS,
+        "limit": {},
+        "runs": [],
+    }
+    from malaria.config import get_settings
+
+    max_batch = get_settings().max_batch_size
+    for batch_size in (1, max_batch):
+        results["limit"][f"batch_{batch_size}"] = round(in_process_limit(images, batch_size), 1)
+        print(f"limit batch {batch_size}: {results['limit'][f'batch_{batch_size}']} img/s", flush=True)
+
+    server = bento_server(3301)
+    try:
+        results["runs"] += sweep(server, images, "batching")
+        multi = asyncio.run(load(server.url, "classify", "images", images, MULTI_CONCURRENCY, MULTI_PER_REQUEST))
+        print(f"  batching /classify {multi}", flush=True)
+        results["runs"].append({"service": "batching", **multi})
+    finally:
+        server.stop()
+
+    server = bento_server(3302, MALARIA_MAX_BATCH_SIZE="1")
+    try:
+        results["runs"] += sweep(server, images, "no-batching")
+    finally:
+        server.stop()
+
+    baseline = Server(
+        [
+            sys.executable,
+            "-m",
+            "uvicorn",
+            "benchmarks.fastapi_baseline:app",
+            "--port",
+            "3303",
+            "--log-level",
+            "warning",
+        ],
+        {},
+        3303,
+    )
+    try:
+        results["runs"] += sweep(baseline, images, "fastapi")
+    finally:
+        baseline.stop()
+
+    def point(service: str, concurrency: int, route: str = "predict") -> dict:
+        return next(
+            r
+            for r in results["runs"]
+            if r["service"] == service and r["concurrency"] == concurrency and r["route"] == route
+        )
+
+    limit = results["limit"][f"batch_{max_batch}"]
+    batched = {c: point("batching", c) for c in CONCURRENCY}
+    results["ratios"] = {
+        "served_over_limit": round(batched[32]["images_per_s"] / limit, 3),
+        "multi_over_limit": round(point("batching", MULTI_CONCURRENCY, "classify")["images_per_s"] / limit, 3),
+        "batching_gain": round(batched[32]["images_per_s"] / point("no-batching", 32)["images_per_s"], 3),
+        "over_fastapi_baseline": round(batched[32]["images_per_s"] / point("fastapi", 32)["images_per_s"], 3),
+        "c64_over_c32": round(batched[64]["images_per_s"] / batched[32]["images_per_s"], 3),
+        "p99_over_p50_at_c8": round(batched[8]["p99_ms"] / batched[8]["p50_ms"], 2),
+        "errors": {f"{r['service']} {r['route']} c={r['concurrency']}": r["errors"] for r in results["runs"]},
+    }
+    (OUT / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+    write_table(results)
+    print(json.dumps(results["ratios"], indent=2))
+
+
+def write_table(results: dict) -> None:
+    lines = [
+        "| service | route | concurrency | images/s | p50 ms | p95 ms | p99 ms | errors | mean batch | client CPU % |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in results["runs"]:
+        route = r["route"] + (f" ({r['images_per_request']}/req)" if r["images_per_request"] > 1 else "")
+        lines.append(
+            f"| {r['service']} | {route} | {r['concurrency']} | {r['images_per_s']} | {r['p50_ms']} | "
+            f"{r['p95_ms']} | {r['p99_ms']} | {r['errors']} | {r['mean_batch'] or ''} | "
+            f"{r['client_cpu_percent']} |"
+        )
+    limit = ", ".join(f"{k.replace('_', ' ')}: {v} img/s" for k, v in results["limit"].items())
+    ratios = "\n".join(f"| {k} | {v} |" for k, v in results["ratios"].items() if k != "errors")
+    text = (OUT / "README.md").read_text()
+    table = (
+        f"<!-- results:start -->\nIn-process limit ({limit}).\n\n"
+        + "\n".join(lines)
+        + f"\n\n| ratio | value |\n|---|---|\n{ratios}\n<!-- results:end -->"
+    )
+    text = re.sub(r"<!-- results:start -->.*<!-- results:end -->", table, text, flags=re.S)
+    (OUT / "README.md").write_text(text)
+
+
+if __name__ == "__main__":
+    main()
