@@ -23,6 +23,7 @@ from malaria.serving import (
     RequestGuardMiddleware,
     call_dependency,
     harden_multipart_parsing,
+    keep_dependency_session,
     make_predictions,
     monotonic_ms,
     new_request_id,
@@ -36,6 +37,11 @@ settings = get_settings()
 harden_multipart_parsing()
 MODEL = bentoml.models.BentoModel(f"{settings.bento_model_name}:latest")
 RESOURCES = {"gpu": 1} if settings.gpu else {"cpu": str(settings.tf_intra_op_threads)}
+BATCHING = (
+    {"batchable": True, "max_batch_size": settings.max_batch_size, "max_latency_ms": settings.max_latency_ms}
+    if settings.batching
+    else {}
+)
 
 predictions_total = bentoml.metrics.Counter(
     name="malaria_predictions_total",
@@ -70,7 +76,7 @@ class CellModel:
         for size in (1, settings.max_batch_size):  # trace and warm up before /readyz turns green
             self.predict_fn(np.zeros((size, self.spec.image_size, self.spec.image_size, 3), np.float32))
 
-    @bentoml.api(batchable=True, max_batch_size=settings.max_batch_size, max_latency_ms=settings.max_latency_ms)
+    @bentoml.api(**BATCHING)
     def infer(self, batch: np.ndarray) -> np.ndarray:
         """Preprocessed images (n, size, size, 3) -> raw model outputs (n, units)."""
         return self.predict_fn(batch)
@@ -92,6 +98,7 @@ class MalariaClassifier:
         self.metadata = self.bento_model.info.metadata
         self.version = str(self.metadata.get("mlflow_version") or self.bento_model.tag.version)
         self.prediction_log = PredictionLog(settings.prediction_log_dir)
+        keep_dependency_session(self.cell_model)
 
     @bentoml.on_shutdown
     def flush_prediction_log(self) -> None:

@@ -14,6 +14,9 @@ logger = logging.getLogger(__name__)
 
 def import_model(settings: Settings, version: str | None = None):
     """Import ``models:/NAME@champion`` (or a version) into the BentoML store; returns the stored model."""
+    import bentoml
+    import mlflow
+
     record = get_version(settings, version)
     uri = f"models:/{record.name}@{settings.champion_alias}" if version is None else record.uri
     metadata = {
@@ -24,9 +27,6 @@ def import_model(settings: Settings, version: str | None = None):
         "mlflow_tracking_uri": settings.mlflow_tracking_uri,
         "metrics": {k: round(v, 6) for k, v in record.metrics.items() if k.startswith(("val_", "test_"))},
     }
-    import bentoml
-    import mlflow
-
     labels = {
         "registered_model": record.name,
         "mlflow_version": record.version,

@@ -72,6 +72,7 @@ class Settings(BaseSettings):
     workers: int = 1
     tf_intra_op_threads: int = 2
     tf_inter_op_threads: int = 1
+    batching: bool = Field(default=True, description="Adaptive batching of model calls (off: one call per request).")
     max_batch_size: int = 64
     max_latency_ms: int = 5000
     traffic_timeout_s: int = 60

@@ -48,7 +48,8 @@ def build_model(profile: TrainingProfile, image_size: int, seed: int = 0):
         x = layers.Dense(256, activation="relu")(x)
         x = layers.Dropout(0.5)(x)
     else:
-        x = inputs
+        # Per-image, per-channel standardisation: removes the slide's stain and brightness cast.
+        x = layers.LayerNormalization(axis=(1, 2), center=False, scale=False, epsilon=1e-3, name="stain_norm")(inputs)
         for block, (n_convs, filters) in enumerate(VGG16_BLOCKS, start=1):
             width = max(8, int(filters * profile.width))
             for conv in range(1, n_convs + 1):

@@ -8,6 +8,7 @@ import logging
 import os
 import queue
 import re
+import sys
 import threading
 import time
 import uuid
@@ -289,20 +290,30 @@ async def _json_error(send, status: int, message: str, extra_headers=()) -> None
     await send({"type": "http.response.body", "body": body})
 
 
-async def call_dependency(method, *args, attempts: int = 3):
-    """Call a ``bentoml.depends`` method, retrying when the connection drops under it.
+def keep_dependency_session(proxy) -> None:
+    """Stop BentoML's internal client from recycling its session under load.
 
-    BentoML 1.4's internal client recycles its session every 100 requests and closes connections
-    that are still in flight (``ServerDisconnectedError``; upstream PR bentoml/BentoML#5698).
-    Inference is idempotent, so a retry is safe.
+    BentoML 1.4 closes the session to a dependency every 100 requests or 5 minutes, and with it
+    every request still in flight (upstream PR bentoml/BentoML#5698). Towards a sibling process on
+    a local socket there is nothing to refresh, so the session is kept.
     """
+    manager = getattr(getattr(proxy, "to_async", None), "_session_manager", None)
+    if manager is None:
+        logger.warning("BentoML's dependency client has no session manager; session recycling left as is")
+        return
+    manager.max_requests = sys.maxsize
+    manager.max_age = float("inf")
+
+
+async def call_dependency(method, *args, attempts: int = 3):
+    """Call a ``bentoml.depends`` method, retrying if the connection drops under it (idempotent)."""
     import aiohttp
 
     for attempt in range(1, attempts + 1):
         try:
             return await method(*args)
-        except aiohttp.ClientConnectionError:
-            if attempt == attempts:
+        except (aiohttp.ClientConnectionError, RuntimeError) as exc:
+            if attempt == attempts or (isinstance(exc, RuntimeError) and "closed" not in str(exc)):
                 raise
             logger.warning("connection to the model service dropped; retrying (%d/%d)", attempt, attempts - 1)
 

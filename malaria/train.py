@@ -50,26 +50,21 @@ def predict_probability(model, images: np.ndarray, spec: ModelSpec, batch_size: 
     return spec.probability_positive(np.concatenate(outputs) if outputs else np.empty((0, 1)))
 
 
-class _EpochProgress:
-    """Logs one line per epoch with the metrics and an ETA."""
+def epoch_logger(epochs: int):
+    """A Keras callback that logs one line per epoch with the metrics and an ETA."""
+    import keras
 
-    def __init__(self, epochs: int):
-        import keras
+    class EpochLogger(keras.callbacks.Callback):
+        def on_train_begin(self, logs=None):
+            self.start = time.monotonic()
 
-        outer = self
+        def on_epoch_end(self, epoch, logs=None):
+            elapsed = time.monotonic() - self.start
+            eta = elapsed / (epoch + 1) * (epochs - epoch - 1)
+            shown = " ".join(f"{k}={v:.4f}" for k, v in (logs or {}).items() if k != "learning_rate")
+            logger.info("epoch %d/%d %s (%.0fs, ETA %.0fs)", epoch + 1, epochs, shown, elapsed, eta)
 
-        class Callback(keras.callbacks.Callback):
-            def on_train_begin(self, logs=None):
-                outer.start = time.monotonic()
-
-            def on_epoch_end(self, epoch, logs=None):
-                elapsed = time.monotonic() - outer.start
-                eta = elapsed / (epoch + 1) * (epochs - epoch - 1)
-                shown = " ".join(f"{k}={v:.4f}" for k, v in (logs or {}).items() if k != "learning_rate")
-                logger.info("epoch %d/%d %s (%.0fs, ETA %.0fs)", epoch + 1, epochs, shown, elapsed, eta)
-
-        self.callback = Callback()
-        self.start = time.monotonic()
+    return EpochLogger()
 
 
 def train(settings: Settings, force: bool = False) -> RegisteredVersion:
@@ -118,7 +113,7 @@ def train(settings: Settings, force: bool = False) -> RegisteredVersion:
         validation_batch_size=256,
         epochs=epochs,
         verbose=0,
-        callbacks=[_EpochProgress(epochs).callback],
+        callbacks=[epoch_logger(epochs)],
     )
     history = {k: [float(v) for v in values] for k, values in fit.history.items() if k != "learning_rate"}
     train_seconds = time.monotonic() - started

@@ -1,6 +1,7 @@
 """The full chain on generated data: train -> MLflow (SQLite) -> champion gate -> BentoML store."""
 
 import json
+from pathlib import Path
 
 import bentoml
 import mlflow
@@ -90,3 +91,30 @@ def test_no_champion_is_a_clear_error(settings_factory):
     settings = settings_factory(registered_model_name="nothing-here")
     with pytest.raises(RegistryError, match="no @champion"):
         get_version(settings)
+
+
+def test_bento_builds_without_a_package_index(champion, tmp_path):
+    """`make bento-offline`: the service, its code and the champion model packed into a Bento."""
+    import subprocess
+    import sys
+
+    from tests.conftest import REPO_ROOT
+
+    settings, _, stored = champion
+    bentofile = tmp_path / "bentofile.yaml"
+    bentofile.write_text(
+        (REPO_ROOT / "bentofile.yaml").read_text().replace("lock_packages: true", "lock_packages: false")
+    )
+    build = subprocess.run(
+        [sys.executable, "-m", "bentoml", "build", "-f", str(bentofile), "-o", "tag", "."],
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert build.returncode == 0, build.stderr[-2000:]
+    tag = build.stdout.strip().splitlines()[-1].replace("__tag__:", "")
+    bento = bentoml.get(tag)
+    assert {str(m.tag) for m in bento.info.all_models} == {str(stored.tag)}
+    assert (Path(bento.path) / "src" / "service.py").is_file()
+    assert (Path(bento.path) / "src" / "malaria" / "preprocess.py").is_file()
