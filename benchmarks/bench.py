@@ -13,8 +13,6 @@ import os
 import platform
 import re
 import resource
-import signal
-import subprocess
 import sys
 import tempfile
 import time
@@ -22,6 +20,8 @@ from pathlib import Path
 
 import aiohttp
 import numpy as np
+
+from malaria.server_process import ServerProcess, bentoml_serve_command
 
 ROOT = Path(__file__).resolve().parents[1]
 OUT = Path(__file__).resolve().parent
@@ -74,64 +74,11 @@ def in_process_limit(images: list[bytes], batch_size: int) -> float:
     return done / (time.perf_counter() - start)
 
 
-class Server:
-    """A server process (bentoml serve or uvicorn) on a free port; stopped with SIGTERM."""
-
-    def __init__(self, command: list[str], env: dict[str, str], port: int):
-        self.url = f"http://127.0.0.1:{port}"
-        self.log = open(OUT / f"server-{port}.log", "w")  # noqa: SIM115 - closed in stop()
-        self.process = subprocess.Popen(
-            command,
-            cwd=ROOT,
-            env={**os.environ, **env},
-            stdout=self.log,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
-        deadline = time.monotonic() + 180
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                raise RuntimeError(f"server exited; see {self.log.name}")
-            try:
-                import urllib.request
-
-                with urllib.request.urlopen(f"{self.url}/readyz", timeout=2) as response:
-                    if response.status == 200:
-                        return
-            except OSError:
-                time.sleep(0.5)
-        raise RuntimeError("server not ready in 180 s")
-
-    def rss_mb(self) -> float:
-        import psutil
-
-        parent = psutil.Process(self.process.pid)
-        return sum(p.memory_info().rss for p in [parent, *parent.children(recursive=True)]) / 1e6
-
-    def stop(self) -> None:
-        if self.process.poll() is None:
-            os.killpg(self.process.pid, signal.SIGTERM)
-            try:
-                self.process.wait(30)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.process.pid, signal.SIGKILL)
-        self.log.close()
-
-
-def bento_server(port: int, **env: str) -> Server:
-    command = [
-        sys.executable,
-        "-m",
-        "bentoml",
-        "serve",
-        "service:MalariaClassifier",
-        "--port",
-        str(port),
-        "--host",
-        "127.0.0.1",
-    ]
+def bento_server(port: int, **env: str) -> ServerProcess:
     logs = tempfile.mkdtemp(prefix="bench-predictions-")
-    return Server(command, {"MALARIA_PREDICTION_LOG_DIR": logs, **env}, port)
+    return ServerProcess(
+        bentoml_serve_command(port), port, {"MALARIA_PREDICTION_LOG_DIR": logs, **env}, OUT / f"server-{port}.log"
+    )
 
 
 def batch_stats(metrics: str) -> tuple[float, float]:
@@ -216,7 +163,7 @@ async def load(url: str, route: str, field: str, images: list[bytes], concurrenc
     }
 
 
-def sweep(server: Server, images: list[bytes], name: str) -> list[dict]:
+def sweep(server: ServerProcess, images: list[bytes], name: str) -> list[dict]:
     points = []
     for concurrency in CONCURRENCY:
         point = asyncio.run(load(server.url, "predict", "image", images, concurrency))
@@ -255,20 +202,8 @@ def main() -> None:
     finally:
         server.stop()
 
-    baseline = Server(
-        [
-            sys.executable,
-            "-m",
-            "uvicorn",
-            "benchmarks.fastapi_baseline:app",
-            "--port",
-            "3303",
-            "--log-level",
-            "warning",
-        ],
-        {},
-        3303,
-    )
+    uvicorn = [sys.executable, "-m", "uvicorn", "benchmarks.fastapi_baseline:app", "--port", "3303"]
+    baseline = ServerProcess([*uvicorn, "--log-level", "warning"], 3303, {}, OUT / "server-3303.log")
     try:
         results["runs"] += sweep(baseline, images, "fastapi")
     finally:
