@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import re
 import shutil
@@ -299,8 +300,6 @@ def ensure_dataset(settings: Settings, allow_download: bool = True) -> Path:
 
 def prepare(settings: Settings) -> tuple[pd.DataFrame, ValidationReport]:
     """Locate, validate and split the data; write ``data/splits.csv`` and the validation report."""
-    import json
-
     root = ensure_dataset(settings)
     frame, report = scan_dataset(root, settings)
     frame = split_by_patient(frame, settings.seed, settings.val_fraction, settings.test_fraction)

@@ -306,14 +306,17 @@ def keep_dependency_session(proxy) -> None:
 
 
 async def call_dependency(method, *args, attempts: int = 3):
-    """Call a ``bentoml.depends`` method, retrying if the connection drops under it (idempotent)."""
+    """Call a ``bentoml.depends`` method, retrying if an idle pooled connection was closed under it.
+
+    Inference is idempotent, so a retry is safe.
+    """
     import aiohttp
 
     for attempt in range(1, attempts + 1):
         try:
             return await method(*args)
-        except (aiohttp.ClientConnectionError, RuntimeError) as exc:
-            if attempt == attempts or (isinstance(exc, RuntimeError) and "closed" not in str(exc)):
+        except aiohttp.ClientConnectionError:
+            if attempt == attempts:
                 raise
             logger.warning("connection to the model service dropped; retrying (%d/%d)", attempt, attempts - 1)
 
