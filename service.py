@@ -1,9 +1,9 @@
 """BentoML service: malaria cell classification with adaptive batching.
 
-Two services in one process tree: ``MalariaClassifier`` (HTTP API: upload checks, decoding,
-preprocessing, answers, prediction log) and ``CellModel`` (the Keras model behind a batchable
-method). Every API call reaches the model through ``CellModel``'s dispatcher, so concurrent
-single-image ``/predict`` calls are batched together (see ``adaptive_batch_size`` in ``/metrics``).
+``MalariaClassifier`` checks uploads, decodes and preprocesses them, and sends every request's
+images through BentoML's adaptive-batching dispatcher to the Keras model in the same process, so
+concurrent single-image ``/predict`` calls are batched together (``malaria_batch_size`` in
+``/metrics``) without a round trip to another process.
 """
 
 from __future__ import annotations
@@ -16,14 +16,13 @@ import numpy as np
 
 from malaria.config import get_settings
 from malaria.serving import (
+    BatchedModel,
     BatchResult,
     ModelInfo,
     Prediction,
     PredictionLog,
     RequestGuardMiddleware,
-    call_dependency,
     harden_multipart_parsing,
-    keep_dependency_session,
     make_predictions,
     monotonic_ms,
     new_request_id,
@@ -36,12 +35,7 @@ from malaria.spec import ModelSpec
 settings = get_settings()
 harden_multipart_parsing()
 MODEL = bentoml.models.BentoModel(f"{settings.bento_model_name}:latest")
-RESOURCES = {"gpu": 1} if settings.gpu else {"cpu": str(settings.tf_intra_op_threads)}
-BATCHING = (
-    {"batchable": True, "max_batch_size": settings.max_batch_size, "max_latency_ms": settings.max_latency_ms}
-    if settings.batching
-    else {}
-)
+RESOURCES = {"gpu": 1} if settings.gpu else {"cpu": str(settings.workers * settings.tf_intra_op_threads)}
 
 predictions_total = bentoml.metrics.Counter(
     name="malaria_predictions_total",
@@ -53,11 +47,21 @@ probability_histogram = bentoml.metrics.Histogram(
     documentation="Predicted P(Parasitized)",
     buckets=tuple(np.round(np.linspace(0.1, 1.0, 10), 2)),
 )
+batch_size_histogram = bentoml.metrics.Histogram(
+    name="malaria_batch_size",
+    documentation="Images per model call (adaptive batching)",
+    buckets=(1, 2, 4, 8, 16, 32, 64, 128),
+)
 
 
-@bentoml.service(resources=RESOURCES, workers=1, traffic={"timeout": settings.traffic_timeout_s})
-class CellModel:
-    """The champion Keras model; one compiled inference call per adaptive batch."""
+@bentoml.service(
+    resources=RESOURCES,
+    workers=settings.workers,
+    traffic={"timeout": settings.traffic_timeout_s},
+    http={"cors": {"enabled": False}},
+)
+class MalariaClassifier:
+    """Thin-smear cell crops in; Parasitized / Uninfected with a calibrated probability out."""
 
     bento_model = MODEL
 
@@ -71,34 +75,20 @@ class CellModel:
         tf.config.threading.set_inter_op_parallelism_threads(settings.tf_inter_op_threads)
         for gpu in tf.config.list_physical_devices("GPU"):
             tf.config.experimental.set_memory_growth(gpu, True)
-        self.spec = ModelSpec.from_metadata(self.bento_model.info.metadata)
-        self.predict_fn = compiled_predict(load_stored_keras(self.bento_model))
-        for size in (1, settings.max_batch_size):  # trace and warm up before /readyz turns green
-            self.predict_fn(np.zeros((size, self.spec.image_size, self.spec.image_size, 3), np.float32))
-
-    @bentoml.api(**BATCHING)
-    def infer(self, batch: np.ndarray) -> np.ndarray:
-        """Preprocessed images (n, size, size, 3) -> raw model outputs (n, units)."""
-        return self.predict_fn(batch)
-
-
-@bentoml.service(
-    workers=settings.workers,
-    traffic={"timeout": settings.traffic_timeout_s},
-    http={"cors": {"enabled": False}},
-)
-class MalariaClassifier:
-    """Thin-smear cell crops in; Parasitized / Uninfected with a calibrated probability out."""
-
-    bento_model = MODEL
-    cell_model = bentoml.depends(CellModel)
-
-    def __init__(self) -> None:
-        self.spec = ModelSpec.from_metadata(self.bento_model.info.metadata)
         self.metadata = self.bento_model.info.metadata
+        self.spec = ModelSpec.from_metadata(self.metadata)
         self.version = str(self.metadata.get("mlflow_version") or self.bento_model.tag.version)
+        predict_fn = compiled_predict(load_stored_keras(self.bento_model))
+        for size in (1, settings.max_batch_size):  # trace and warm up before /readyz turns green
+            predict_fn(np.zeros((size, self.spec.image_size, self.spec.image_size, 3), np.float32))
+        self.model = BatchedModel(
+            predict_fn,
+            batching=settings.batching,
+            max_batch_size=settings.max_batch_size,
+            max_latency_ms=settings.max_latency_ms,
+            observe_batch=batch_size_histogram.observe,
+        )
         self.prediction_log = PredictionLog(settings.prediction_log_dir)
-        keep_dependency_session(self.cell_model)
 
     @bentoml.on_shutdown
     def flush_prediction_log(self) -> None:
@@ -109,7 +99,7 @@ class MalariaClassifier:
         request_id = new_request_id(ctx.request.headers)
         ctx.response.headers["X-Request-ID"] = request_id
         prepared = prepare_uploads(images, [upload_name(p) for p in images], self.spec, settings)
-        outputs = await call_dependency(self.cell_model.to_async.infer, prepared.batch)
+        outputs = await self.model(prepared.batch)
         probability = self.spec.probability_positive(outputs)
         predictions = make_predictions(
             probability, self.spec, self.version, request_id, prepared.names, settings.refer_band

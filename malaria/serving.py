@@ -8,7 +8,6 @@ import logging
 import os
 import queue
 import re
-import sys
 import threading
 import time
 import uuid
@@ -290,35 +289,55 @@ async def _json_error(send, status: int, message: str, extra_headers=()) -> None
     await send({"type": "http.response.body", "body": body})
 
 
-def keep_dependency_session(proxy) -> None:
-    """Stop BentoML's internal client from recycling its session under load.
+class BatchedModel:
+    """BentoML's adaptive batching (its ``CorkDispatcher``) in front of an in-process inference call.
 
-    BentoML 1.4 closes the session to a dependency every 100 requests or 5 minutes, and with it
-    every request still in flight (upstream PR bentoml/BentoML#5698). Towards a sibling process on
-    a local socket there is nothing to refresh, so the session is kept.
+    A BentoML batchable API must take a list, so single-image ``/predict`` calls can only be batched
+    by a second service (``bentoml.depends``), which costs one HTTP round trip to another process
+    per request: on two cores, as much CPU as the model itself. Here the same dispatcher batches
+    the calls of all requests of this worker, and the batch runs on a thread, so the event loop
+    keeps parsing and decoding requests while TensorFlow computes.
     """
-    manager = getattr(getattr(proxy, "to_async", None), "_session_manager", None)
-    if manager is None:
-        logger.warning("BentoML's dependency client has no session manager; session recycling left as is")
-        return
-    manager.max_requests = sys.maxsize
-    manager.max_age = float("inf")
+
+    def __init__(self, predict_fn, *, batching: bool, max_batch_size: int, max_latency_ms: int, observe_batch=None):
+        self.predict_fn = predict_fn
+        self.observe_batch = observe_batch or (lambda size: None)
+        if batching:
+            # Internal to BentoML 1.4 (the dispatcher its batchable APIs use); bentoml is pinned.
+            from bentoml._internal.marshal.dispatcher import CorkDispatcher
+
+            dispatcher = CorkDispatcher(
+                max_latency_in_ms=max_latency_ms,
+                max_batch_size=max_batch_size,
+                fallback=_overloaded,
+                get_batch_size=len,
+            )
+            self._call = dispatcher(self._run_batches)  # a sync callback runs on the thread pool
+        else:
+            self._call = self._run_alone
+
+    def _run_batches(self, batches) -> list[np.ndarray]:
+        sizes = [len(batch) for batch in batches]
+        outputs = self.predict_fn(np.concatenate(batches) if len(batches) > 1 else batches[0])
+        self.observe_batch(sum(sizes))
+        return np.split(outputs, np.cumsum(sizes)[:-1])
+
+    async def _run_alone(self, batch: np.ndarray) -> np.ndarray:
+        from starlette.concurrency import run_in_threadpool
+
+        outputs = await run_in_threadpool(self.predict_fn, batch)
+        self.observe_batch(len(batch))
+        return outputs
+
+    async def __call__(self, batch: np.ndarray) -> np.ndarray:
+        """Preprocessed images (n, size, size, 3) -> raw model outputs (n, units)."""
+        return await self._call(batch)
 
 
-async def call_dependency(method, *args, attempts: int = 3):
-    """Call a ``bentoml.depends`` method, retrying if an idle pooled connection was closed under it.
+def _overloaded():
+    from bentoml.exceptions import ServiceUnavailable
 
-    Inference is idempotent, so a retry is safe.
-    """
-    import aiohttp
-
-    for attempt in range(1, attempts + 1):
-        try:
-            return await method(*args)
-        except aiohttp.ClientConnectionError:
-            if attempt == attempts:
-                raise
-            logger.warning("connection to the model service dropped; retrying (%d/%d)", attempt, attempts - 1)
+    raise ServiceUnavailable("server overloaded: the request could not be scheduled within max_latency_ms")
 
 
 def monotonic_ms(start: float) -> float:

@@ -196,7 +196,7 @@ def test_resources_match_the_sizing(classifier):
     assert memory_bytes(requests["memory"]) == 2 * 2**30
     assert memory_bytes(limits["memory"]) == 3 * 2**30
     env = {e["name"]: e.get("value") for e in classifier["env"]}
-    assert int(env["MALARIA_TF_INTRA_OP_THREADS"]) == cpu_cores(limits["cpu"])
+    assert int(env["MALARIA_WORKERS"]) * int(env["MALARIA_TF_INTRA_OP_THREADS"]) == cpu_cores(limits["cpu"])
 
 
 def test_prediction_log_is_on_a_volume_that_a_sidecar_ships(deployment, classifier):

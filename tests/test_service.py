@@ -114,33 +114,36 @@ def test_model_info_describes_the_served_model(server, champion):
     assert info["threshold"] == record.spec.threshold and "test_roc_auc" in info["metrics"]
 
 
+def batch_histogram(server) -> tuple[str, dict[str, float]]:
+    """/metrics text and the malaria_batch_size histogram: calls of 1 image, all calls, all images."""
+    metrics = httpx.get(f"{server.url}/metrics", timeout=10).text
+
+    def value(pattern: str) -> float:
+        found = re.search(pattern, metrics)
+        return float(found[1]) if found else 0.0
+
+    return metrics, {
+        "ones": value(r'malaria_batch_size_bucket\{[^}]*le="1\.0"[^}]*\} ([0-9.e+]+)'),
+        "calls": value(r"malaria_batch_size_count(?:\{[^}]*\})? ([0-9.e+]+)"),
+        "images": value(r"malaria_batch_size_sum(?:\{[^}]*\})? ([0-9.e+]+)"),
+    }
+
+
 def test_concurrent_single_image_calls_reach_the_model_in_batches(server, cells):
     images = [p.read_bytes() for p in cells["Parasitized"] + cells["Uninfected"]] * 3
 
     def one(data: bytes) -> int:
         return post_files(server, "predict", "image", [("c.png", data)]).status_code
 
+    _, before = batch_histogram(server)
     with ThreadPoolExecutor(32) as pool:
         codes = list(pool.map(one, images))
     assert codes == [200] * len(images)
-    metrics = httpx.get(f"{server.url}/metrics", timeout=10).text
-    buckets = {
-        float(le): float(v)
-        for le, v in re.findall(
-            r'adaptive_batch_size_bucket\{[^}]*le="([0-9.+Inf]+)"[^}]*method_name="infer"[^}]*\} ([0-9.e+]+)',
-            metrics,
-        )
-        if le != "+Inf"
-    } or {
-        float(le): float(v)
-        for le, v in re.findall(
-            r'adaptive_batch_size_bucket\{[^}]*method_name="infer"[^}]*le="([0-9.]+)"[^}]*\} ([0-9.e+]+)',
-            metrics,
-        )
-    }
-    count = float(re.search(r'adaptive_batch_size_count\{[^}]*method_name="infer"[^}]*\} ([0-9.e+]+)', metrics)[1])
-    assert count > 0 and buckets
-    assert buckets[1.0] < count, "every model call had batch size 1: no adaptive batching happened"
+    metrics, after = batch_histogram(server)
+    delta = {k: after[k] - before[k] for k in after}
+    assert delta["images"] == len(images), "every image goes through the batched model call"
+    assert 0 < delta["calls"] < len(images), "fewer model calls than requests: calls were batched"
+    assert delta["ones"] < delta["calls"], "every model call had batch size 1: no adaptive batching happened"
     assert "malaria_predictions_total" in metrics and "malaria_probability_parasitized_bucket" in metrics
 
 

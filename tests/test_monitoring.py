@@ -1,0 +1,27 @@
+"""Monitoring features: the per-image statistics logged by the service and compared by the drift flow."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from malaria.monitoring import FEATURE_COLUMNS, image_features_batch
+
+
+def test_features_equal_numpy_statistics_per_image_and_channel():
+    rng = np.random.default_rng(0)
+    batch = rng.random((5, 64, 64, 3), dtype=np.float32) * np.array([1.0, 0.6, 0.3], dtype=np.float32)
+    sizes = [(100 + i, 120 - i) for i in range(5)]
+    features = image_features_batch(batch, sizes)
+    assert [tuple(f) for f in features] == [FEATURE_COLUMNS] * 5
+    means, stds = batch.mean(axis=(1, 2)), batch.std(axis=(1, 2))
+    for f, mean, std, (width, height) in zip(features, means, stds, sizes, strict=True):
+        assert (f["width"], f["height"]) == (width, height)
+        np.testing.assert_allclose([f["mean_r"], f["mean_g"], f["mean_b"]], mean, atol=1e-6)
+        np.testing.assert_allclose([f["std_r"], f["std_g"], f["std_b"]], std, atol=1e-5)
+        assert abs(f["brightness"] - (0.299 * mean[0] + 0.587 * mean[1] + 0.114 * mean[2])) < 1e-6
+
+
+def test_a_flat_image_has_zero_spread():
+    [f] = image_features_batch(np.full((1, 8, 8, 3), 0.5, dtype=np.float32), [(8, 8)])
+    assert f["std_r"] == f["std_g"] == f["std_b"] == 0.0
+    assert f["mean_r"] == 0.5 and abs(f["brightness"] - 0.5) < 1e-9
