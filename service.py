@@ -18,6 +18,7 @@ from malaria.config import get_settings
 from malaria.serving import (
     BatchedModel,
     BatchResult,
+    ConnectionRecycleMiddleware,
     ModelInfo,
     Prediction,
     PredictionLog,
@@ -149,3 +150,4 @@ MalariaClassifier.add_asgi_middleware(
     token=settings.api_token,
     max_body_bytes=settings.max_image_bytes * settings.max_images_per_request + 1_000_000,
 )
+MalariaClassifier.add_asgi_middleware(ConnectionRecycleMiddleware, max_requests=settings.max_requests_per_connection)

@@ -1,7 +1,9 @@
 """`make soak`: Locust at concurrency 32 for SOAK_MINUTES (default 10) against a fresh `bentoml serve`.
 
-Reports failures and the service's RSS (all its processes) at start and end into
-``benchmarks/soak.json``; Locust's CSVs go to ``benchmarks/soak_*.csv``.
+Reports failures and the service's RSS (all its processes) sampled every 30 s into
+``benchmarks/soak.json``: a leak keeps growing in the second half, warm-up (allocator pools,
+TensorFlow's caches, batch shapes seen for the first time) levels off. Locust's CSVs go to
+``benchmarks/soak_*.csv``.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ def main() -> None:
     try:
         time.sleep(2)
         start_rss = server.rss_mb()
-        run = subprocess.run(
+        locust = subprocess.Popen(
             [
                 sys.executable,
                 "-m",
@@ -43,8 +45,12 @@ def main() -> None:
                 "--only-summary",
             ],
             cwd=ROOT,
-            check=False,
         )
+        started, samples = time.monotonic(), [(0.0, start_rss)]
+        while locust.poll() is None:
+            time.sleep(1)
+            if time.monotonic() - started >= 30 * len(samples):
+                samples.append((round(time.monotonic() - started), server.rss_mb()))
         end_rss = server.rss_mb()
     finally:
         server.stop()
@@ -60,7 +66,10 @@ def main() -> None:
         "rps": float(row.get("Requests/s", 0)),
         "rss_mb_start": round(start_rss, 1),
         "rss_mb_end": round(end_rss, 1),
-        "locust_exit": run.returncode,
+        "rss_mb_at_half_time": round(samples[len(samples) // 2][1], 1),
+        "rss_mb_growth_second_half": round(end_rss - samples[len(samples) // 2][1], 1),
+        "rss_mb_samples": [[t, round(mb, 1)] for t, mb in samples],
+        "locust_exit": locust.returncode,
     }
     (OUT / "soak.json").write_text(json.dumps(result, indent=2) + "\n")
     print(json.dumps(result, indent=2))

@@ -11,6 +11,7 @@ import re
 import threading
 import time
 import uuid
+from collections import OrderedDict
 from datetime import UTC, datetime
 from http import HTTPStatus
 from pathlib import Path
@@ -271,6 +272,40 @@ class RequestGuardMiddleware:
                 f"request body of {int(declared)} bytes is over the {self.max_body_bytes}-byte limit",
             )
         return await self.app(scope, receive, send)
+
+
+class ConnectionRecycleMiddleware:
+    """Close a keep-alive connection after ``max_requests`` responses (``Connection: close``).
+
+    Workers share one listening socket and a keep-alive connection stays with the worker that
+    accepted it, so a few long-lived clients can keep one worker busy while another idles. A closed
+    connection is reopened by the client and accepted by whichever worker is free: the per-connection
+    form of gunicorn's ``max_requests``. ``max_requests=0`` keeps connections open.
+    """
+
+    def __init__(self, app, max_requests: int, max_tracked: int = 10_000):
+        self.app = app
+        self.max_requests = max_requests
+        self.max_tracked = max_tracked
+        self.counts: OrderedDict[tuple, int] = OrderedDict()
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http" or self.max_requests <= 0 or not scope.get("client"):
+            return await self.app(scope, receive, send)
+        connection = (tuple(scope["client"]), tuple(scope.get("server") or ()))
+        served = self.counts.pop(connection, 0) + 1
+        if served < self.max_requests:
+            self.counts[connection] = served
+            if len(self.counts) > self.max_tracked:  # connections the clients closed themselves
+                self.counts.popitem(last=False)
+            return await self.app(scope, receive, send)
+
+        async def send_and_close(message):
+            if message["type"] == "http.response.start":
+                message = {**message, "headers": [*message.get("headers", []), (b"connection", b"close")]}
+            await send(message)
+
+        return await self.app(scope, receive, send_and_close)
 
 
 async def _json_error(send, status: int, message: str, extra_headers=()) -> None:

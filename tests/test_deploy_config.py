@@ -193,7 +193,7 @@ def test_graceful_shutdown_outlasts_bentoml_traffic_timeout(deployment, classifi
 def test_resources_match_the_sizing(classifier):
     requests, limits = classifier["resources"]["requests"], classifier["resources"]["limits"]
     assert cpu_cores(requests["cpu"]) == cpu_cores(limits["cpu"]) == 2
-    assert memory_bytes(requests["memory"]) == 2 * 2**30
+    assert memory_bytes(requests["memory"]) == 2560 * 2**20
     assert memory_bytes(limits["memory"]) == 3 * 2**30
     env = {e["name"]: e.get("value") for e in classifier["env"]}
     assert int(env["MALARIA_WORKERS"]) * int(env["MALARIA_TF_INTRA_OP_THREADS"]) == cpu_cores(limits["cpu"])

@@ -147,6 +147,14 @@ def test_concurrent_single_image_calls_reach_the_model_in_batches(server, cells)
     assert "malaria_predictions_total" in metrics and "malaria_probability_parasitized_bucket" in metrics
 
 
+def test_keep_alive_connections_are_recycled_after_max_requests(server):
+    with httpx.Client(base_url=server.url, timeout=10) as client:
+        answers = [client.get("/readyz") for _ in range(12)]
+    assert [r.status_code for r in answers] == [200] * 12
+    closing = [i for i, r in enumerate(answers) if r.headers.get("connection") == "close"]
+    assert closing == [4, 9], "every 5th response on a connection closes it (MALARIA_MAX_REQUESTS_PER_CONNECTION=5)"
+
+
 def odd_images() -> dict[str, bytes]:
     rng = np.random.default_rng(0)
     base = Image.fromarray(rng.integers(0, 255, (50, 50, 3), dtype=np.uint8))
