@@ -79,7 +79,7 @@ class Settings(BaseSettings):
     max_latency_ms: int = 5000
     traffic_timeout_s: int = 60
     max_requests_per_connection: int = Field(
-        default=100, description="Close a keep-alive connection after this many requests (0: never)."
+        default=16, description="Close a keep-alive connection after this many requests (0: never)."
     )
     max_image_bytes: int = 10 * 1024 * 1024
     max_image_pixels: int = 25_000_000
