@@ -74,6 +74,7 @@ bento-offline: install ## bentoml build without a package index (no lock)
 BASE_IMAGE ?=
 OFFLINE_BASE_IMAGE ?= localhost/malaria-base:bookworm
 CA_BUNDLE ?=
+IMAGE_BACKEND ?=
 export CONTAINERS_STORAGE_CONF ?= $(CURDIR)/deploy/image/storage.conf
 export BUILDAH_ISOLATION ?= chroot
 
@@ -81,7 +82,7 @@ base-image: ## offline python:3.11-slim stand-in (debootstrap + buildah) as $(OF
 	deploy/image/offline-base.sh $(OFFLINE_BASE_IMAGE)
 
 image: install ## bentoml build + containerize -> dist/*.oci.tar (needs a model in the store)
-	BENTOML=$(BIN)/bentoml BASE_IMAGE=$(BASE_IMAGE) CA_BUNDLE=$(CA_BUNDLE) deploy/image/build.sh
+	BENTOML=$(BIN)/bentoml BASE_IMAGE=$(BASE_IMAGE) CA_BUNDLE=$(CA_BUNDLE) IMAGE_BACKEND=$(IMAGE_BACKEND) deploy/image/build.sh
 
 image-smoke: install ## run the image from `make image`, classify held-out cells, check, stop cleanly
 	$(BIN)/python deploy/image/smoke.py

@@ -53,6 +53,8 @@ def main() -> None:
                 samples.append((round(time.monotonic() - started), server.rss_mb()))
         end_rss = server.rss_mb()
     finally:
+        if "locust" in locals() and locust.poll() is None:
+            locust.terminate()
         server.stop()
     with (OUT / "soak_stats.csv").open() as handle:
         total = [line.split(",") for line in handle if line.startswith(",Aggregated") or ",Aggregated," in line]

@@ -290,7 +290,9 @@ class ConnectionRecycleMiddleware:
         self.counts: OrderedDict[tuple, int] = OrderedDict()
 
     async def __call__(self, scope, receive, send):
-        if scope["type"] != "http" or self.max_requests <= 0 or not scope.get("client"):
+        client = scope.get("client")
+        if scope["type"] != "http" or self.max_requests <= 0 or not client or not client[1]:
+            # No TCP peer to count by (e.g. uvicorn replaced it from X-Forwarded-For: port 0).
             return await self.app(scope, receive, send)
         connection = (tuple(scope["client"]), tuple(scope.get("server") or ()))
         served = self.counts.pop(connection, 0) + 1

@@ -255,6 +255,7 @@ def test_gpu_patch_adds_a_gpu_and_keeps_the_rest(deployment):
     assert container["resources"]["limits"]["memory"] == "3Gi"  # merged, not replaced
     env = {e["name"]: e.get("value") for e in container["env"]}
     assert env["MALARIA_GPU"] == "true"
+    assert env["MALARIA_WORKERS"] == "1", "one process per GPU"
     assert env["MALARIA_PREDICTION_LOG_DIR"] == LOG_DIR
 
 

@@ -39,6 +39,7 @@ EOF
 fi
 
 tag="$("$bentoml" build -f "$bentofile" -o tag . | sed -n 's/^__tag__://p')"
+[[ -n "$tag" ]] || { echo "bentoml build printed no tag" >&2; exit 1; }
 version="${tag#*:}"
 image="malaria-classifier:${version}"
 echo "bento $tag -> image $image (backend $backend, base ${BASE_IMAGE:-python:3.11-slim})"
@@ -52,7 +53,7 @@ if [[ -n "${CA_BUNDLE:-}" ]]; then
     fi
     ca_args=(--build-arg SSL_CERT_FILE=/run/build-ca.pem --build-arg PIP_CERT=/run/build-ca.pem)
 fi
-options=("${ca_args[@]}")
+options=(${ca_args[@]+"${ca_args[@]}"})
 if [[ -n "${CA_BUNDLE:-}" ]]; then
     options+=(--opt "volume=$(realpath "$CA_BUNDLE"):/run/build-ca.pem:ro")
     ca_args+=(--volume "$(realpath "$CA_BUNDLE"):/run/build-ca.pem:ro")
@@ -60,7 +61,7 @@ fi
 # BentoML resolves the Dockerfile template inside its temporary build context and refuses paths
 # outside the working directory, so that context must live under it.
 mkdir -p build/tmp
-TMPDIR="$PWD/build/tmp" "$bentoml" containerize "$tag" --backend "$backend" -t "$image" "${options[@]}"
+TMPDIR="$PWD/build/tmp" "$bentoml" containerize "$tag" --backend "$backend" -t "$image" ${options[@]+"${options[@]}"}
 
 # The flows image, from a context holding only what it adds.
 flows_context=build/flows-image
@@ -74,7 +75,7 @@ if [[ "$backend" == docker ]]; then
     docker tag "$image" malaria-classifier:latest && docker tag "$flows_image" malaria-flows:latest
 else
     buildah build --layers=false -t "$flows_image" -f deploy/image/Containerfile.flows \
-        --build-arg "CLASSIFIER_IMAGE=localhost/$image" "${ca_args[@]}" "$flows_context"
+        --build-arg "CLASSIFIER_IMAGE=localhost/$image" ${ca_args[@]+"${ca_args[@]}"} "$flows_context"
     buildah tag "localhost/$image" malaria-classifier:latest
     buildah tag "localhost/$flows_image" malaria-flows:latest
 fi

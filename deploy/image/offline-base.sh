@@ -12,7 +12,7 @@ image="${1:-localhost/malaria-base:bookworm}"
 mirror="${2:-${DEBIAN_MIRROR:-}}"
 if [[ -z "$mirror" ]]; then
     mirror="$(grep -rhE '^(URIs:|deb )' /etc/apt/sources.list /etc/apt/sources.list.d/ 2>/dev/null \
-        | grep -oE 'https?://[^ ]+/debian/?$' | head -n1 || true)"
+        | grep -oE 'https?://[^ ]+/debian/?( |$)' | tr -d ' ' | head -n1 || true)"
 fi
 mirror="${mirror:-http://deb.debian.org/debian}"
 work="$(mktemp -d "${TMPDIR:-/tmp}/malaria-base.XXXXXX")"

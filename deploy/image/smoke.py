@@ -68,9 +68,15 @@ class BuildahContainer:
                 stdout=out,
                 stderr=subprocess.STDOUT,
             )
-        self.server_pid = self._read_pid()
-        # `buildah run` chroots into a per-run bind mount of the container's file system.
-        self.root = os.readlink(f"/proc/{self.server_pid}/root")
+        try:
+            self.server_pid = self._read_pid()
+            # `buildah run` chroots into a per-run bind mount of the container's file system.
+            self.root = os.readlink(f"/proc/{self.server_pid}/root")
+        except BaseException:
+            self.process.kill()
+            self.process.wait(30)
+            subprocess.run(["buildah", "rm", self.name], check=False, capture_output=True)
+            raise
 
     def _read_pid(self) -> int:
         for _ in range(100):
@@ -88,11 +94,20 @@ class BuildahContainer:
             os.kill(self.server_pid, signal.SIGTERM)
         try:
             code = self.process.wait(60)
-        finally:
-            leftovers = self.processes_inside()
-            subprocess.run(["buildah", "rm", self.name], check=False, capture_output=True)
+        except subprocess.TimeoutExpired:
+            code = None
+        leftovers = self.processes_inside()
+        for pid in leftovers:  # clean up, then fail below
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        if code is None:
+            self.process.kill()
+            self.process.wait(30)
+        subprocess.run(["buildah", "rm", self.name], check=False, capture_output=True)
         if leftovers:
-            raise RuntimeError(f"processes left behind after stop: {leftovers}")
+            raise RuntimeError(f"processes left behind after stop (killed): {leftovers}")
+        if code is None:
+            raise RuntimeError("the server did not stop within 60 s of SIGTERM")
         return code
 
     def processes_inside(self) -> list[int]:

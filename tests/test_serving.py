@@ -1,0 +1,82 @@
+"""BatchedModel: BentoML's batching dispatcher in front of an in-process model, with a fake model."""
+
+from __future__ import annotations
+
+import asyncio
+
+import numpy as np
+import pytest
+from bentoml.exceptions import ServiceUnavailable
+
+from malaria.serving import BatchedModel
+
+
+class FakeModel:
+    """Returns each image's first pixel value as its output; records the batch sizes it was given."""
+
+    def __init__(self, fail: bool = False):
+        self.batches: list[int] = []
+        self.fail = fail
+
+    def __call__(self, batch: np.ndarray) -> np.ndarray:
+        self.batches.append(len(batch))
+        if self.fail:
+            raise ValueError("model failed")
+        return batch[:, 0, 0, :1].copy()
+
+
+def images(values) -> np.ndarray:
+    return np.array(values, dtype=np.float32).reshape(-1, 1, 1, 1) * np.ones((1, 2, 2, 3), np.float32)
+
+
+def batched(model: FakeModel, **kwargs) -> BatchedModel:
+    options = {"batching": True, "max_batch_size": 4, "max_latency_ms": 10_000, **kwargs}
+    return BatchedModel(model, **options)
+
+
+def test_concurrent_calls_are_batched_and_each_gets_its_own_outputs():
+    model, seen = FakeModel(), []
+    service = batched(model, observe_batch=seen.append)
+
+    async def run():
+        return await asyncio.gather(*(service(images([i])) for i in range(60)))
+
+    results = asyncio.run(run())
+    assert [float(r[0, 0]) for r in results] == list(range(60))
+    assert sum(model.batches) == sum(seen) == 60
+    assert max(model.batches) > 1, "no call was batched"
+    assert max(model.batches) <= 4, "max_batch_size respected"
+
+
+def test_a_request_larger_than_the_max_batch_is_split_and_reassembled_in_order():
+    model = FakeModel()
+    service = batched(model)
+    result = asyncio.run(service(images(range(10))))
+    assert result[:, 0].tolist() == list(range(10))
+    assert max(model.batches) <= 4
+
+
+def test_a_model_error_reaches_the_caller():
+    service = batched(FakeModel(fail=True))
+    with pytest.raises(ValueError, match="model failed"):
+        asyncio.run(service(images([1.0])))
+
+
+def test_batching_off_is_one_model_call_per_request():
+    model = FakeModel()
+    service = BatchedModel(model, batching=False, max_batch_size=4, max_latency_ms=10_000)
+
+    async def run():
+        return await asyncio.gather(*(service(images([i, i])) for i in range(5)))
+
+    results = asyncio.run(run())
+    assert model.batches == [2] * 5
+    assert [r[:, 0].tolist() for r in results] == [[i, i] for i in range(5)]
+
+
+def test_overload_fallback_is_a_503():
+    from malaria.serving import _overloaded
+
+    with pytest.raises(ServiceUnavailable) as raised:
+        _overloaded()
+    assert raised.value.error_code == 503
