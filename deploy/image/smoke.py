@@ -40,7 +40,7 @@ def read_image_env(path: Path = Path("dist/image.env")) -> dict[str, str]:
     return dict(line.split("=", 1) for line in path.read_text().split())
 
 
-def test_cells(per_class: int) -> tuple[list[Path], list[str]]:
+def held_out_cells(per_class: int) -> tuple[list[Path], list[str]]:
     """The first cells of each class in the patient-held-out test split."""
     settings = get_settings()
     if not settings.splits_path.is_file():
@@ -199,7 +199,7 @@ def main() -> None:
     stored = bentoml.models.get(model_tag)
     spec = stored_spec(stored)
 
-    paths, truth = test_cells(CELLS_PER_CLASS)
+    paths, truth = held_out_cells(CELLS_PER_CLASS)
     predict = compiled_predict(load_stored_keras(stored))
     expected_p = spec.probability_positive(predict(preprocess_batch(paths, spec)))
     expected_labels = spec.labels(expected_p)
