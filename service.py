@@ -9,7 +9,6 @@ concurrent single-image ``/predict`` calls are batched together (``malaria_batch
 from __future__ import annotations
 
 import time
-from pathlib import Path
 
 import bentoml
 import numpy as np
@@ -19,6 +18,7 @@ from malaria.serving import (
     BatchedModel,
     BatchResult,
     ConnectionRecycleMiddleware,
+    ImageUpload,
     ModelInfo,
     Prediction,
     PredictionLog,
@@ -29,7 +29,6 @@ from malaria.serving import (
     new_request_id,
     prepare_uploads,
     summarize,
-    upload_name,
 )
 from malaria.spec import ModelSpec
 
@@ -60,6 +59,7 @@ batch_size_histogram = bentoml.metrics.Histogram(
     workers=settings.workers,
     traffic={"timeout": settings.traffic_timeout_s},
     http={"cors": {"enabled": False}},
+    logging={"access": {"enabled": settings.access_log}},
 )
 class MalariaClassifier:
     """Thin-smear cell crops in; Parasitized / Uninfected with a calibrated probability out."""
@@ -95,11 +95,11 @@ class MalariaClassifier:
     def flush_prediction_log(self) -> None:
         self.prediction_log.close()
 
-    async def _run(self, images: list[Path], ctx: bentoml.Context) -> list[Prediction]:
+    async def _run(self, images: list[ImageUpload], ctx: bentoml.Context) -> list[Prediction]:
         started = time.perf_counter()
         request_id = new_request_id(ctx.request.headers)
         ctx.response.headers["X-Request-ID"] = request_id
-        prepared = prepare_uploads(images, [upload_name(p) for p in images], self.spec, settings)
+        prepared = prepare_uploads(images, self.spec, settings)
         outputs = await self.model(prepared.batch)
         probability = self.spec.probability_positive(outputs)
         predictions = make_predictions(
@@ -112,17 +112,17 @@ class MalariaClassifier:
         return predictions
 
     @bentoml.api
-    async def predict(self, image: Path, ctx: bentoml.Context) -> Prediction:
+    async def predict(self, image: ImageUpload, ctx: bentoml.Context) -> Prediction:
         """Classify one cell image (multipart field ``image``)."""
         return (await self._run([image], ctx))[0]
 
     @bentoml.api
-    async def classify(self, images: list[Path], ctx: bentoml.Context) -> list[Prediction]:
+    async def classify(self, images: list[ImageUpload], ctx: bentoml.Context) -> list[Prediction]:
         """Classify several cell images (field ``images``), one prediction each, in order."""
         return await self._run(images, ctx)
 
     @bentoml.api
-    async def batch_predict(self, images: list[Path], ctx: bentoml.Context) -> BatchResult:
+    async def batch_predict(self, images: list[ImageUpload], ctx: bentoml.Context) -> BatchResult:
         """Classify several cell images and summarise the counts per label and decision."""
         predictions = await self._run(images, ctx)
         return BatchResult(predictions=predictions, summary=summarize(predictions, self.spec))

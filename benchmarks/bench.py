@@ -13,6 +13,7 @@ import os
 import platform
 import re
 import resource
+import subprocess
 import sys
 import tempfile
 import time
@@ -76,6 +77,18 @@ def in_process_limit(images: list[bytes], batch_size: int) -> float:
         done += batch_size
         i += batch_size
     return done / (time.perf_counter() - start)
+
+
+def model_only(threads: int, batch_sizes: tuple[int, ...]) -> dict[str, float]:
+    """Images/s of the compiled model call alone, by batch size, with ``threads`` TensorFlow threads."""
+    script = Path(__file__).with_name("model_only.py")
+    sizes = ",".join(str(b) for b in batch_sizes)
+    done = subprocess.run(
+        [sys.executable, str(script), "--threads", str(threads), "--batch-sizes", sizes], capture_output=True, text=True
+    )
+    if done.returncode != 0:
+        raise RuntimeError(f"model_only.py failed:\n{done.stderr[-3000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
 
 
 def bento_server(port: int, **env: str) -> ServerProcess:
@@ -191,6 +204,13 @@ def main() -> None:
         results["limit"][f"batch_{batch_size}"] = round(in_process_limit(images, batch_size), 1)
         print(f"limit batch {batch_size}: {results['limit'][f'batch_{batch_size}']} img/s", flush=True)
 
+    # What batching can gain per TF thread: a worker's model call at batch 1 vs larger batches.
+    results["model_only"] = {
+        f"threads_{threads}": model_only(threads, tuple(sorted({1, 8, max_batch})))
+        for threads in sorted({1, os.cpu_count() or 1})
+    }
+    print(f"model only: {results['model_only']}", flush=True)
+
     server = bento_server(3301)
     try:
         results["runs"] += sweep(server, images, "batching")
@@ -249,10 +269,15 @@ def write_table(results: dict) -> None:
             f"{r['client_cpu_percent']} |"
         )
     limit = ", ".join(f"{k.replace('_', ' ')}: {v} img/s" for k, v in results["limit"].items())
+    model_only = "; ".join(
+        f"{k.replace('_', ' ')}: " + ", ".join(f"batch {b} {v}" for b, v in rates.items())
+        for k, rates in results.get("model_only", {}).items()
+    )
     ratios = "\n".join(f"| {k} | {v} |" for k, v in results["ratios"].items() if k != "errors")
     text = (OUT / "README.md").read_text()
     table = (
         f"<!-- results:start -->\nIn-process limit ({limit}).\n\n"
+        + (f"Model call alone, images/s ({model_only}).\n\n" if model_only else "")
         + "\n".join(lines)
         + f"\n\n| ratio | value |\n|---|---|\n{ratios}\n<!-- results:end -->"
     )

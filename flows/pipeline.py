@@ -85,7 +85,18 @@ def training_pipeline(force: bool = False, build: bool = True) -> dict:
 
     settings = get_settings()
     params = settings.model_dump(
-        mode="json", include={"seed", "val_fraction", "test_fraction", "profile", "image_size", "epochs", "batch_size"}
+        mode="json",
+        include={
+            "seed",
+            "val_fraction",
+            "test_fraction",
+            "profile",
+            "image_size",
+            "width",
+            "epochs",
+            "learning_rate",
+            "batch_size",
+        },
     )
     code_hash = fingerprint(PACKAGE)
     manifest_hash = prepare_task(fingerprint(ensure_dataset(settings)), params, fingerprint(settings.splits_path))

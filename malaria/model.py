@@ -30,7 +30,7 @@ class TrainingProfile:
 
 
 PROFILES: dict[str, TrainingProfile] = {
-    "quick": TrainingProfile("quick", image_size=64, width=0.25, epochs=16, learning_rate=2e-3, pretrained=False),
+    "quick": TrainingProfile("quick", image_size=64, width=0.25, epochs=20, learning_rate=2e-3, pretrained=False),
     "full": TrainingProfile("full", image_size=128, width=1.0, epochs=15, learning_rate=1e-4, pretrained=True),
 }
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -14,7 +14,7 @@ import pandas as pd
 from malaria import evaluation
 from malaria.config import Settings
 from malaria.data import ensure_dataset, labels_of, load_arrays, prepare, read_manifest
-from malaria.model import PROFILES, augmentation_pipeline, build_model, compiled_predict
+from malaria.model import PROFILES, TrainingProfile, augmentation_pipeline, build_model, compiled_predict
 from malaria.monitoring import image_features_batch
 from malaria.registry import RegisteredVersion, log_model_version
 from malaria.spec import ModelSpec
@@ -67,6 +67,18 @@ def epoch_logger(epochs: int):
     return EpochLogger()
 
 
+def resolve_profile(settings: Settings) -> TrainingProfile:
+    """The configured profile with the settings' overrides (image size, width, epochs, learning rate)."""
+    profile = PROFILES[settings.profile]
+    return replace(
+        profile,
+        image_size=settings.image_size or profile.image_size,
+        width=settings.width or profile.width,
+        epochs=settings.epochs or profile.epochs,
+        learning_rate=settings.learning_rate or profile.learning_rate,
+    )
+
+
 def train(settings: Settings, force: bool = False) -> RegisteredVersion:
     """Train the configured profile, write ``training_artifacts/``, log and register in MLflow."""
     import keras
@@ -76,10 +88,9 @@ def train(settings: Settings, force: bool = False) -> RegisteredVersion:
         prepare(settings)
     manifest = read_manifest(settings.splits_path)
     root = ensure_dataset(settings)
-    profile = PROFILES[settings.profile]
-    spec = ModelSpec(image_size=settings.image_size or profile.image_size)
-    epochs = settings.epochs or profile.epochs
-    learning_rate = settings.learning_rate or profile.learning_rate
+    profile = resolve_profile(settings)
+    spec = ModelSpec(image_size=profile.image_size)
+    epochs, learning_rate = profile.epochs, profile.learning_rate
     limit = settings.max_train_images
 
     train_data = load_split(manifest, root, "train", spec, limit, settings.seed)

@@ -1,14 +1,18 @@
-"""BatchedModel: BentoML's batching dispatcher in front of an in-process model, with a fake model."""
+"""Serving helpers: in-memory uploads, and BatchedModel (BentoML's batching dispatcher) with a fake model."""
 
 from __future__ import annotations
 
 import asyncio
+import io
 
 import numpy as np
 import pytest
+from _bentoml_sdk.io_models import IODescriptor
 from bentoml.exceptions import ServiceUnavailable
+from pydantic import TypeAdapter, ValidationError
+from starlette.datastructures import UploadFile
 
-from malaria.serving import BatchedModel
+from malaria.serving import BatchedModel, ImageUpload
 
 
 class FakeModel:
@@ -80,3 +84,36 @@ def test_overload_fallback_is_a_503():
     with pytest.raises(ServiceUnavailable) as raised:
         _overloaded()
     assert raised.value.error_code == 503
+
+
+def test_an_upload_is_read_from_the_parsed_form_with_the_clients_file_name():
+    body = b"\x89PNG..."
+    upload = ImageUpload.validate(UploadFile(io.BytesIO(body), size=len(body), filename="slide 3/cell 1.png"))
+    assert (upload.read(), upload.size) == (body, len(body))
+    assert upload.read() == body  # readable again (an error message may need it)
+    assert upload.filename == upload.name == "cell 1.png"
+    unnamed = ImageUpload.validate(b"raw")
+    assert (unnamed.read(), unnamed.size, unnamed.filename) == (b"raw", 3, None)
+
+
+def test_an_upload_without_a_declared_size_is_measured():
+    upload = ImageUpload.validate(UploadFile(io.BytesIO(b"12345"), filename="c.png"))
+    assert upload.size == 5 and upload.read() == b"12345"
+
+
+def test_text_is_not_an_upload():
+    with pytest.raises(ValidationError, match="expected a file upload"):
+        TypeAdapter(ImageUpload).validate_python("https://example.org/cell.png")
+
+
+def test_bentoml_treats_an_upload_field_as_a_multipart_file():
+    def predict(self, image: ImageUpload, extra: list[ImageUpload]) -> str:
+        return ""
+
+    spec = IODescriptor.from_input(predict, skip_self=True)
+    assert spec.mime_type() == "multipart/form-data"
+    assert spec.multipart_fields == ["image", "extra"]
+    schema = spec.model_json_schema()["properties"]
+    # BentoML's clients send a field as a file when the schema says ``type: file``.
+    assert schema["image"]["type"] == "file"
+    assert schema["extra"]["items"]["type"] == "file"
