@@ -16,33 +16,25 @@ def main() -> None:
     from malaria.bento import load_stored_keras, stored_spec
     from malaria.config import get_settings
     from malaria.data import ensure_dataset, read_manifest
-    from malaria.model import compiled_predict
-    from malaria.train import load_split
+    from malaria.train import load_split, predict_probability
 
     settings = get_settings()
     stored = bentoml.models.get(f"{settings.bento_model_name}:latest")
     spec = stored_spec(stored)
-    predict = compiled_predict(load_stored_keras(stored))
+    model = load_stored_keras(stored)
     manifest, root = read_manifest(settings.splits_path), ensure_dataset(settings, allow_download=False)
-
-    def probability(images: np.ndarray) -> np.ndarray:
-        images = np.ascontiguousarray(images)
-        return spec.probability_positive(
-            np.concatenate([predict(images[i : i + 256]) for i in range(0, len(images), 256)])
-        )
 
     print(f"{stored.tag}: accuracy at threshold {spec.threshold}")
     for split in ("val", "test"):
         data = load_split(manifest, root, split, spec, None, settings.seed)
-        x, y = data.images, data.labels
+        x = data.images
         flips = [x, x[:, :, ::-1], x[:, ::-1], x[:, ::-1, ::-1]]
-        views = {"single": [x], "2 (h-flip)": flips[:2], "4 (flips)": flips}
-        views["8 (flips, transposes)"] = flips + [v.transpose(0, 2, 1, 3) for v in flips]
-        cache: dict[int, np.ndarray] = {}
-        row = []
-        for name, chosen in views.items():
-            p = np.mean([cache.setdefault(id(v), probability(v)) for v in chosen], axis=0)
-            row.append(f"{name} {((p >= spec.threshold) == (y == 1)).mean():.4f}")
+        views = flips + [v.transpose(0, 2, 1, 3) for v in flips]
+        p = [predict_probability(model, np.ascontiguousarray(v), spec) for v in views]
+        row = [
+            f"{name} {((np.mean(p[:n], axis=0) >= spec.threshold) == (data.labels == 1)).mean():.4f}"
+            for name, n in (("single", 1), ("2 (h-flip)", 2), ("4 (flips)", 4), ("8 (flips, transposes)", 8))
+        ]
         print(f"{split}: " + ", ".join(row))
 
 

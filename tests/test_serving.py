@@ -90,7 +90,7 @@ def test_an_upload_is_read_from_the_parsed_form_with_the_clients_file_name():
     body = b"\x89PNG..."
     upload = ImageUpload.validate(UploadFile(io.BytesIO(body), size=len(body), filename="slide 3/cell 1.png"))
     assert (upload.read(), upload.size) == (body, len(body))
-    assert upload.read() == body  # readable again (an error message may need it)
+    assert upload.read() == body  # each read starts at the beginning
     assert upload.filename == upload.name == "cell 1.png"
     unnamed = ImageUpload.validate(b"raw")
     assert (unnamed.read(), unnamed.size, unnamed.filename) == (b"raw", 3, None)
