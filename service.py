@@ -60,6 +60,7 @@ batch_size_histogram = bentoml.metrics.Histogram(
     traffic={"timeout": settings.traffic_timeout_s},
     http={"cors": {"enabled": False}},
     logging={"access": {"enabled": settings.access_log}},
+    tracing={} if settings.tracing else {"excluded_urls": [".*"]},
 )
 class MalariaClassifier:
     """Thin-smear cell crops in; Parasitized / Uninfected with a calibrated probability out."""

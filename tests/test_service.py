@@ -85,6 +85,7 @@ def test_predict_returns_a_complete_prediction(server, cells, champion, expected
     assert body["confidence"] == pytest.approx(p if body["label"] == "Parasitized" else 1 - p)
     assert body["request_id"] == "req-123" and response.headers["x-request-id"] == "req-123"
     assert body["filename"] == path.name and body["model_version"] == champion[1].version
+    assert "x-bentoml-request-id" not in response.headers  # tracing off by default: no span per request
 
 
 def test_classify_keeps_order_and_batch_predict_summarises(server, cells, expected):
@@ -294,7 +295,7 @@ def test_prediction_log_has_one_line_per_successful_prediction(server):
 
 @pytest.fixture(scope="module")
 def secured(champion, tmp_path_factory):
-    env = {"MALARIA_API_TOKEN": "s3cret", "MALARIA_ACCESS_LOG": "true"}
+    env = {"MALARIA_API_TOKEN": "s3cret", "MALARIA_ACCESS_LOG": "true", "MALARIA_TRACING": "true"}
     srv = Server(env, tmp_path_factory.mktemp("secured") / "predictions")
     yield srv
     srv.stop()
@@ -307,6 +308,7 @@ def test_bearer_token_is_required_when_configured(secured, cells):
     assert wrong.status_code == 401 and "token" in wrong.json()["error"]
     ok = httpx.post(f"{secured.url}/predict", files=files, headers={"Authorization": "Bearer s3cret"}, timeout=30)
     assert ok.status_code == 200
+    assert ok.headers["x-bentoml-request-id"]  # MALARIA_TRACING=true: BentoML's span id per request
     assert httpx.get(f"{secured.url}/readyz", timeout=5).status_code == 200
     from malaria.client import MalariaClient
 

@@ -1,0 +1,56 @@
+"""Would a decision threshold chosen on validation beat the calibrated 0.5? For every model in the
+BentoML store: accuracy at 0.5, at the validation-accuracy optimum and where validation sensitivity
+equals specificity.
+
+``MALARIA_DATA_DIR=... python benchmarks/threshold.py`` (after ``make model``): thresholds are
+chosen on validation; the test column is shown for the record.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+GRID = np.linspace(0.05, 0.95, 181)
+
+
+def chosen_thresholds(labels: np.ndarray, probability: np.ndarray) -> dict[str, float]:
+    """The validation-accuracy optimum (median of ties) and the sensitivity = specificity point."""
+    positive = labels == 1
+    accuracy = np.array([((probability >= t) == positive).mean() for t in GRID])
+    sensitivity = np.array([(probability[positive] >= t).mean() for t in GRID])
+    specificity = np.array([(probability[~positive] < t).mean() for t in GRID])
+    return {
+        "0.5": 0.5,
+        "best val accuracy": float(np.median(GRID[accuracy == accuracy.max()])),
+        "sensitivity = specificity": float(GRID[np.argmin(np.abs(sensitivity - specificity))]),
+    }
+
+
+def main() -> None:
+    import bentoml
+
+    from malaria.bento import load_stored_keras, stored_spec
+    from malaria.config import get_settings
+    from malaria.data import ensure_dataset, read_manifest
+    from malaria.train import load_split, predict_probability
+
+    settings = get_settings()
+    manifest, root = read_manifest(settings.splits_path), ensure_dataset(settings, allow_download=False)
+    splits: dict[int, dict] = {}
+    for stored in bentoml.models.list(settings.bento_model_name):
+        spec = stored_spec(stored)
+        if spec.image_size not in splits:
+            splits[spec.image_size] = {
+                split: load_split(manifest, root, split, spec, None, settings.seed) for split in ("val", "test")
+            }
+        data, model = splits[spec.image_size], load_stored_keras(stored)
+        p = {s: predict_probability(model, d.images, spec) for s, d in data.items()}
+        row = []
+        for name, t in chosen_thresholds(data["val"].labels, p["val"]).items():
+            val, test = (((p[s] >= t) == (data[s].labels == 1)).mean() for s in ("val", "test"))
+            row.append(f"{name} ({t:.3f}): val {val:.4f} test {test:.4f}")
+        print(f"{stored.tag}: " + " | ".join(row), flush=True)
+
+
+if __name__ == "__main__":
+    main()
