@@ -34,7 +34,7 @@ def _averaging_vector(n_pixels: int) -> np.ndarray:
 
 def image_features_batch(batch: np.ndarray, sizes: list[tuple[int, int]]) -> list[dict[str, float]]:
     """Features of model inputs (n, h, w, 3) in [0, 1], with each image's original (width, height)."""
-    # Sums as matrix products (BLAS): about 10x faster than mean()/std() on (n, pixels, 3), and this
+    # Sums as matrix products (BLAS): about 7x faster than sums over the pixel axis, and this
     # runs for every request on the serving path.
     pixels = np.asarray(batch, dtype=np.float32).reshape(len(batch), -1, 3)
     average = _averaging_vector(pixels.shape[1])
