@@ -37,6 +37,7 @@ def main() -> None:
     settings = get_settings()
     manifest, root = read_manifest(settings.splits_path), ensure_dataset(settings, allow_download=False)
     splits: dict[int, dict] = {}
+    test_accuracy: dict[str, list[float]] = {}
     for stored in bentoml.models.list(settings.bento_model_name):
         spec = stored_spec(stored)
         if spec.image_size not in splits:
@@ -49,7 +50,9 @@ def main() -> None:
         for name, t in chosen_thresholds(data["val"].labels, p["val"]).items():
             val, test = (((p[s] >= t) == (data[s].labels == 1)).mean() for s in ("val", "test"))
             row.append(f"{name} ({t:.3f}): val {val:.4f} test {test:.4f}")
+            test_accuracy.setdefault(name, []).append(test)
         print(f"{stored.tag}: " + " | ".join(row), flush=True)
+    print("mean test accuracy: " + ", ".join(f"{name} {np.mean(v):.4f}" for name, v in test_accuracy.items()))
 
 
 if __name__ == "__main__":

@@ -95,8 +95,9 @@ class Settings(BaseSettings):
     )
     tracing: bool = Field(
         default=False,
-        description="BentoML's OpenTelemetry spans on every route (set an exporter in BentoML's config to ship them). "
-        "Off by default: with no exporter the spans go nowhere and cost about 10 % of a worker's CPU.",
+        description="BentoML's OpenTelemetry spans on every route (to ship them, also set tracing.exporter_type "
+        "and tracing.sample_rate > 0 in BentoML's config). Off by default: unexported spans cost about 10 % of a "
+        "worker's CPU.",
     )
     api_token: str | None = Field(default=None, description="Bearer token; auth is on when set.")
     prediction_log_dir: Path = Path("logs/predictions")
