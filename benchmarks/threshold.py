@@ -1,6 +1,6 @@
 """Would a decision threshold chosen on validation beat the calibrated 0.5? For every model in the
-BentoML store: accuracy at 0.5, at the validation-accuracy optimum and where validation sensitivity
-equals specificity.
+BentoML store: accuracy at the thresholds of ``malaria evaluate --objective`` (calibrated 0.5, youden,
+sensitivity) and at the validation-accuracy optimum.
 
 ``MALARIA_DATA_DIR=... python benchmarks/threshold.py`` (after ``make model``): thresholds are
 chosen on validation; the test column is shown for the record.
@@ -14,15 +14,16 @@ GRID = np.linspace(0.05, 0.95, 181)
 
 
 def chosen_thresholds(labels: np.ndarray, probability: np.ndarray) -> dict[str, float]:
-    """The validation-accuracy optimum (median of ties) and the sensitivity = specificity point."""
-    positive = labels == 1
-    accuracy = np.array([((probability >= t) == positive).mean() for t in GRID])
-    sensitivity = np.array([(probability[positive] >= t).mean() for t in GRID])
-    specificity = np.array([(probability[~positive] < t).mean() for t in GRID])
+    """The evaluate flow's objectives, and the validation-accuracy optimum (median of ties)."""
+    from malaria.evaluate import choose_threshold
+
+    accuracy = np.array([((probability >= t) == (labels == 1)).mean() for t in GRID])
     return {
-        "0.5": 0.5,
+        **{
+            objective: choose_threshold(labels, probability, objective)
+            for objective in ("calibrated", "youden", "sensitivity")
+        },
         "best val accuracy": float(np.median(GRID[accuracy == accuracy.max()])),
-        "sensitivity = specificity": float(GRID[np.argmin(np.abs(sensitivity - specificity))]),
     }
 
 
