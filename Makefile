@@ -9,7 +9,7 @@ BENTO_MODEL ?= malaria-classifier
 export PREFECT_SERVER_ANALYTICS_ENABLED ?= false
 export TF_CPP_MIN_LOG_LEVEL ?= 2
 
-.PHONY: install model data report train evaluate import serve test test-fast lint format bento bento-offline base-image image image-smoke bench soak clean
+.PHONY: install model data report train evaluate import serve test test-fast lint format bento bento-offline base-image image image-prune image-smoke bench soak clean
 
 $(BIN)/malaria: pyproject.toml requirements/serving.txt requirements/train.txt
 	$(PYTHON) -m venv $(VENV)
@@ -83,6 +83,9 @@ base-image: ## offline python:3.11-slim stand-in (debootstrap + buildah) as $(OF
 
 image: install ## bentoml build + containerize -> dist/*.oci.tar (needs a model in the store)
 	BENTOML=$(BIN)/bentoml BASE_IMAGE=$(BASE_IMAGE) CA_BUNDLE=$(CA_BUNDLE) IMAGE_BACKEND=$(IMAGE_BACKEND) deploy/image/build.sh
+
+image-prune: ## remove old malaria images (all but :latest; KEEP_LATEST=0: all) and dangling layers
+	IMAGE_BACKEND=$(IMAGE_BACKEND) deploy/image/prune.sh
 
 image-smoke: install ## run the image from `make image`, classify held-out cells, check, stop cleanly
 	$(BIN)/python deploy/image/smoke.py

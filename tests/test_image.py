@@ -58,3 +58,64 @@ def test_bentofile_ships_the_service_with_the_serving_requirements_and_template(
     # The CA bundle is a build argument (seen by RUN steps, not kept), never an ENV of the image.
     assert "ARG SSL_CERT_FILE" in text and "ENV SSL_CERT_FILE" not in text
     assert "base_image" not in recipe["docker"], "the default base is python:3.11-slim; BASE_IMAGE overrides"
+
+
+FAKE_BUILDAH = """#!/usr/bin/env bash
+echo "$*" >> "$CALLS"
+case "$1" in
+  images) printf '%s\\n' \\
+      'localhost/malaria-classifier:v2 id2' 'localhost/malaria-classifier:latest id2' \\
+      'localhost/malaria-classifier:v1 id1' 'localhost/malaria-flows:v1 fid1' \\
+      'localhost/malaria-flows:latest fid2' 'localhost/malaria-base:bookworm bid' \\
+      'docker.io/library/python:3.11-slim pid' ;;
+  containers) printf '%s\\n' 'c1 localhost/malaria-base:bookworm' 'c2 docker.io/library/debian:12' ;;
+  info) echo "$GRAPHROOT" ;;
+esac
+"""
+
+
+def _run_with_fake_buildah(tmp_path: Path, script: str, **env: str) -> tuple[subprocess.CompletedProcess, list[str]]:
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    fake = bin_dir / "buildah"
+    fake.write_text(FAKE_BUILDAH)
+    fake.chmod(0o755)
+    calls = tmp_path / "calls.txt"
+    calls.touch()
+    environment = {
+        "PATH": f"{bin_dir}:/usr/bin:/bin",
+        "CALLS": str(calls),
+        "GRAPHROOT": str(tmp_path),
+        "IMAGE_BACKEND": "buildah",
+        **env,
+    }
+    result = subprocess.run([str(ROOT / script)], cwd=ROOT, env=environment, capture_output=True, text=True, timeout=60)
+    return result, calls.read_text().splitlines()
+
+
+def test_image_prune_keeps_latest_and_removes_older_builds_and_failed_build_containers(tmp_path):
+    result, calls = _run_with_fake_buildah(tmp_path, "deploy/image/prune.sh")
+    assert result.returncode == 0, result.stderr
+    removed = sorted(call.removeprefix("rmi ") for call in calls if call.startswith("rmi ") and "--prune" not in call)
+    # v2 shares its image with :latest, so removing the tag would free nothing; other repositories stay.
+    assert removed == ["localhost/malaria-classifier:v1", "localhost/malaria-flows:v1"]
+    assert "rm c1" in calls and "rm c2" not in calls
+    assert "rmi --prune" in calls
+    assert "pruned 2 image tags" in result.stdout
+
+
+def test_image_prune_without_keep_latest_removes_every_malaria_build(tmp_path):
+    result, calls = _run_with_fake_buildah(tmp_path, "deploy/image/prune.sh", KEEP_LATEST="0")
+    assert result.returncode == 0, result.stderr
+    removed = {call.removeprefix("rmi ") for call in calls if call.startswith("rmi ") and "--prune" not in call}
+    assert len(removed) == 5
+    assert all("malaria-classifier" in name or "malaria-flows" in name for name in removed)
+
+
+def test_image_build_refuses_to_start_without_enough_disk(tmp_path):
+    result, calls = _run_with_fake_buildah(
+        tmp_path, "deploy/image/build.sh", IMAGE_MIN_FREE_GB="100000000", BENTOML="/nonexistent/bentoml"
+    )
+    assert result.returncode == 2
+    assert "needs 100000000 GB" in result.stderr and "make image-prune" in result.stderr
+    assert not any(call.startswith(("build", "push")) for call in calls)

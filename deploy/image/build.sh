@@ -20,6 +20,20 @@ if [[ -z "$backend" ]]; then
 fi
 started=$SECONDS
 
+# vfs storage copies the whole file system per layer: one build of both images peaked at 10.7 GB
+# more disk in use (df sampled every 2 s during `make image` here).
+if [[ "$backend" == buildah ]]; then
+    graphroot="$(buildah info --format '{{.store.GraphRoot}}')"
+    mkdir -p "$graphroot"
+    free_gb=$(( $(df -Pk "$graphroot" | awk 'NR == 2 {print $4}') / 1024 / 1024 ))
+    min_free_gb="${IMAGE_MIN_FREE_GB:-14}"
+    if (( free_gb < min_free_gb )); then
+        echo "only ${free_gb} GB free under $graphroot; building both images needs ${min_free_gb} GB." >&2
+        echo "Free space with \`make image-prune\` (old malaria images, dangling layers) and retry." >&2
+        exit 2
+    fi
+fi
+
 bentofile=bentofile.yaml
 if [[ -n "${BASE_IMAGE:-}" ]]; then
     mkdir -p build
@@ -74,7 +88,7 @@ if [[ "$backend" == docker ]]; then
         "$flows_context"
     docker tag "$image" malaria-classifier:latest && docker tag "$flows_image" malaria-flows:latest
 else
-    buildah build --layers=false -t "$flows_image" -f deploy/image/Containerfile.flows \
+    buildah build --layers=false --force-rm -t "$flows_image" -f deploy/image/Containerfile.flows \
         --build-arg "CLASSIFIER_IMAGE=localhost/$image" ${ca_args[@]+"${ca_args[@]}"} "$flows_context"
     buildah tag "localhost/$image" malaria-classifier:latest
     buildah tag "localhost/$flows_image" malaria-flows:latest
