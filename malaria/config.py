@@ -53,6 +53,7 @@ class Settings(BaseSettings):
     width: float | None = Field(default=None, gt=0, description="Override the profile's width (1.0 = VGG16's filters).")
     batch_size: int = 64
     learning_rate: float | None = None
+    weight_decay: float | None = Field(default=None, ge=0, description="Override the profile's AdamW weight decay.")
     max_train_images: int | None = Field(default=None, description="Cap per split, for smoke runs.")
     artifacts_dir: Path = Path("training_artifacts")
 

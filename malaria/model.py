@@ -26,12 +26,17 @@ class TrainingProfile:
     width: float
     epochs: int
     learning_rate: float
+    weight_decay: float
     pretrained: bool
 
 
 PROFILES: dict[str, TrainingProfile] = {
-    "quick": TrainingProfile("quick", image_size=64, width=0.25, epochs=20, learning_rate=2e-3, pretrained=False),
-    "full": TrainingProfile("full", image_size=128, width=1.0, epochs=15, learning_rate=1e-4, pretrained=True),
+    "quick": TrainingProfile(
+        "quick", image_size=64, width=0.25, epochs=20, learning_rate=2e-3, weight_decay=1e-4, pretrained=False
+    ),
+    "full": TrainingProfile(
+        "full", image_size=128, width=1.0, epochs=15, learning_rate=1e-4, weight_decay=1e-4, pretrained=True
+    ),
 }
 
 

@@ -68,7 +68,7 @@ def epoch_logger(epochs: int):
 
 
 def resolve_profile(settings: Settings) -> TrainingProfile:
-    """The configured profile with the settings' overrides (image size, width, epochs, learning rate)."""
+    """The configured profile with the settings' overrides (image size, width, epochs, optimiser)."""
     profile = PROFILES[settings.profile]
     return replace(
         profile,
@@ -76,6 +76,7 @@ def resolve_profile(settings: Settings) -> TrainingProfile:
         width=settings.width or profile.width,
         epochs=settings.epochs or profile.epochs,
         learning_rate=settings.learning_rate or profile.learning_rate,
+        weight_decay=profile.weight_decay if settings.weight_decay is None else settings.weight_decay,
     )
 
 
@@ -114,7 +115,7 @@ def train(settings: Settings, force: bool = False) -> RegisteredVersion:
         alpha=0.01,
     )
     model.compile(
-        optimizer=keras.optimizers.AdamW(schedule, weight_decay=1e-4),
+        optimizer=keras.optimizers.AdamW(schedule, weight_decay=profile.weight_decay),
         loss="binary_crossentropy",
         metrics=["accuracy", keras.metrics.AUC(name="auc")],
     )
@@ -123,6 +124,7 @@ def train(settings: Settings, force: bool = False) -> RegisteredVersion:
         validation_data=(val_data.images, val_data.labels),
         validation_batch_size=256,
         epochs=epochs,
+        shuffle=False,  # the pipeline reshuffles every epoch; Keras cannot shuffle a tf.data.Dataset
         verbose=0,
         callbacks=[epoch_logger(epochs)],
     )
@@ -158,6 +160,7 @@ def train(settings: Settings, force: bool = False) -> RegisteredVersion:
         "epochs": epochs,
         "batch_size": settings.batch_size,
         "learning_rate": learning_rate,
+        "weight_decay": profile.weight_decay,
         "seed": settings.seed,
         "train_images": len(train_data.labels),
         "val_images": len(val_data.labels),

@@ -5,9 +5,10 @@ from malaria.train import resolve_profile
 
 
 def test_settings_override_the_profile(settings_factory):
-    settings = settings_factory(width=0.125, epochs=3, image_size=40, learning_rate=1e-3)
+    settings = settings_factory(width=0.125, epochs=3, image_size=40, learning_rate=1e-3, weight_decay=0.0)
     profile = resolve_profile(settings)
     assert (profile.width, profile.epochs, profile.image_size, profile.learning_rate) == (0.125, 3, 40, 1e-3)
+    assert profile.weight_decay == 0.0  # zero is an override, not "unset"
 
     model = build_model(profile, profile.image_size)
     assert model.input_shape == (None, 40, 40, 3)
@@ -16,5 +17,5 @@ def test_settings_override_the_profile(settings_factory):
 
 
 def test_without_overrides_the_profile_is_unchanged(settings_factory):
-    settings = settings_factory(width=None, epochs=None, image_size=None, learning_rate=None)
+    settings = settings_factory(width=None, epochs=None, image_size=None, learning_rate=None, weight_decay=None)
     assert resolve_profile(settings) == PROFILES["quick"]
