@@ -95,7 +95,9 @@ def training_pipeline(force: bool = False, build: bool = True) -> dict:
             "width",
             "epochs",
             "learning_rate",
+            "weight_decay",
             "batch_size",
+            "deterministic",
         },
     )
     code_hash = fingerprint(PACKAGE)

@@ -54,6 +54,11 @@ class Settings(BaseSettings):
     batch_size: int = 64
     learning_rate: float | None = None
     weight_decay: float | None = Field(default=None, ge=0, description="Override the profile's AdamW weight decay.")
+    deterministic: bool = Field(
+        default=True,
+        description="Deterministic TensorFlow kernels and input pipeline: same data, seed, machine and threads "
+        "give the same model.",
+    )
     max_train_images: int | None = Field(default=None, description="Cap per split, for smoke runs.")
     artifacts_dir: Path = Path("training_artifacts")
 

@@ -84,8 +84,13 @@ def _vgg16_pretrained(inputs, image_size: int):
     return base(x)
 
 
-def augmentation_pipeline(images: np.ndarray, labels: np.ndarray, batch_size: int, seed: int):
-    """A shuffled, augmented ``tf.data`` pipeline: flips, rotations, brightness and contrast jitter."""
+def augmentation_pipeline(
+    images: np.ndarray, labels: np.ndarray, batch_size: int, seed: int, deterministic: bool = False
+):
+    """A shuffled, augmented ``tf.data`` pipeline: flips, rotations, brightness and contrast jitter.
+
+    ``deterministic`` augments one batch at a time, in order, so the random draws repeat.
+    """
     import tensorflow as tf
     from keras import layers
 
@@ -104,7 +109,7 @@ def augmentation_pipeline(images: np.ndarray, labels: np.ndarray, batch_size: in
         tf.data.Dataset.from_tensor_slices((images, labels))
         .shuffle(len(images), seed=seed, reshuffle_each_iteration=True)
         .batch(batch_size)
-        .map(augment, num_parallel_calls=tf.data.AUTOTUNE)
+        .map(augment, num_parallel_calls=None if deterministic else tf.data.AUTOTUNE)
         .prefetch(tf.data.AUTOTUNE)
     )
 

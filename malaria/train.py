@@ -80,31 +80,19 @@ def resolve_profile(settings: Settings) -> TrainingProfile:
     )
 
 
-def train(settings: Settings, force: bool = False) -> RegisteredVersion:
-    """Train the configured profile, write ``training_artifacts/``, log and register in MLflow."""
+def fit_model(
+    profile: TrainingProfile, spec: ModelSpec, settings: Settings, train_data: SplitData, val_data: SplitData
+):
+    """Build the profile's model and fit it (AdamW, warm-up then cosine decay); returns it and its history."""
     import keras
 
-    started = time.monotonic()
-    if not settings.splits_path.is_file():
-        prepare(settings)
-    manifest = read_manifest(settings.splits_path)
-    root = ensure_dataset(settings)
-    profile = resolve_profile(settings)
-    spec = ModelSpec(image_size=profile.image_size)
+    if settings.deterministic:
+        import tensorflow as tf
+
+        # Kernels and tf.data (including the random augmentation) then run in a fixed order, so the
+        # same data, seed, machine and thread count give the same weights.
+        tf.config.experimental.enable_op_determinism()
     epochs, learning_rate = profile.epochs, profile.learning_rate
-    limit = settings.max_train_images
-
-    train_data = load_split(manifest, root, "train", spec, limit, settings.seed)
-    val_data = load_split(manifest, root, "val", spec, limit, settings.seed)
-    test_data = load_split(manifest, root, "test", spec, limit, settings.seed)
-    logger.info(
-        "images: train %d, val %d, test %d (%d/%d/%d patients)",
-        len(train_data.labels),
-        len(val_data.labels),
-        len(test_data.labels),
-        *(d.frame["patient"].nunique() for d in (train_data, val_data, test_data)),
-    )
-
     model = build_model(profile, spec.image_size, seed=settings.seed)
     steps = epochs * int(np.ceil(len(train_data.labels) / settings.batch_size))
     schedule = keras.optimizers.schedules.CosineDecay(
@@ -120,7 +108,9 @@ def train(settings: Settings, force: bool = False) -> RegisteredVersion:
         metrics=["accuracy", keras.metrics.AUC(name="auc")],
     )
     fit = model.fit(
-        augmentation_pipeline(train_data.images, train_data.labels, settings.batch_size, settings.seed),
+        augmentation_pipeline(
+            train_data.images, train_data.labels, settings.batch_size, settings.seed, settings.deterministic
+        ),
         validation_data=(val_data.images, val_data.labels),
         validation_batch_size=256,
         epochs=epochs,
@@ -129,6 +119,32 @@ def train(settings: Settings, force: bool = False) -> RegisteredVersion:
         callbacks=[epoch_logger(epochs)],
     )
     history = {k: [float(v) for v in values] for k, values in fit.history.items() if k != "learning_rate"}
+    return model, history
+
+
+def train(settings: Settings, force: bool = False) -> RegisteredVersion:
+    """Train the configured profile, write ``training_artifacts/``, log and register in MLflow."""
+    started = time.monotonic()
+    if not settings.splits_path.is_file():
+        prepare(settings)
+    manifest = read_manifest(settings.splits_path)
+    root = ensure_dataset(settings)
+    profile = resolve_profile(settings)
+    spec = ModelSpec(image_size=profile.image_size)
+    limit = settings.max_train_images
+
+    train_data = load_split(manifest, root, "train", spec, limit, settings.seed)
+    val_data = load_split(manifest, root, "val", spec, limit, settings.seed)
+    test_data = load_split(manifest, root, "test", spec, limit, settings.seed)
+    logger.info(
+        "images: train %d, val %d, test %d (%d/%d/%d patients)",
+        len(train_data.labels),
+        len(val_data.labels),
+        len(test_data.labels),
+        *(d.frame["patient"].nunique() for d in (train_data, val_data, test_data)),
+    )
+
+    model, history = fit_model(profile, spec, settings, train_data, val_data)
     train_seconds = time.monotonic() - started
 
     raw = ModelSpec(**{**spec.model_dump(), "temperature": 1.0})
@@ -157,11 +173,12 @@ def train(settings: Settings, force: bool = False) -> RegisteredVersion:
         "profile": profile.name,
         "image_size": spec.image_size,
         "width": profile.width,
-        "epochs": epochs,
+        "epochs": profile.epochs,
         "batch_size": settings.batch_size,
-        "learning_rate": learning_rate,
+        "learning_rate": profile.learning_rate,
         "weight_decay": profile.weight_decay,
         "seed": settings.seed,
+        "deterministic": settings.deterministic,
         "train_images": len(train_data.labels),
         "val_images": len(val_data.labels),
         "test_images": len(test_data.labels),

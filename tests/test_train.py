@@ -1,7 +1,11 @@
-"""Training configuration: the profile and the settings that override it."""
+"""Training: the profile, the settings that override it, and fitting that repeats itself."""
+
+import numpy as np
+import pandas as pd
 
 from malaria.model import PROFILES, build_model
-from malaria.train import resolve_profile
+from malaria.spec import ModelSpec
+from malaria.train import SplitData, fit_model, resolve_profile
 
 
 def test_settings_override_the_profile(settings_factory):
@@ -19,3 +23,23 @@ def test_settings_override_the_profile(settings_factory):
 def test_without_overrides_the_profile_is_unchanged(settings_factory):
     settings = settings_factory(width=None, epochs=None, image_size=None, learning_rate=None, weight_decay=None)
     assert resolve_profile(settings) == PROFILES["quick"]
+
+
+def test_deterministic_training_repeats_the_same_weights(settings_factory):
+    settings = settings_factory(width=0.125, epochs=2, image_size=32, batch_size=16, deterministic=True)
+    profile = resolve_profile(settings)
+    rng = np.random.default_rng(0)
+    labels = (rng.random(96) > 0.5).astype(np.float32)
+    train_data = SplitData(pd.DataFrame(), rng.random((96, 32, 32, 3), dtype=np.float32), labels)
+    val_data = SplitData(pd.DataFrame(), train_data.images[:32], labels[:32])
+
+    runs = [fit_model(profile, ModelSpec(image_size=32), settings, train_data, val_data) for _ in range(2)]
+
+    (first, first_history), (second, second_history) = runs
+    assert first_history == second_history
+    assert len(first_history["loss"]) == 2
+    for a, b in zip(first.get_weights(), second.get_weights(), strict=True):
+        np.testing.assert_array_equal(a, b)
+    # The weights moved: the comparison is between two trainings, not two initialisations.
+    untrained = build_model(profile, 32, seed=settings.seed)
+    assert any(not np.array_equal(a, b) for a, b in zip(first.get_weights(), untrained.get_weights(), strict=True))
