@@ -84,7 +84,7 @@ base-image: ## offline python:3.11-slim stand-in (debootstrap + buildah) as $(OF
 image: install ## bentoml build + containerize -> dist/*.oci.tar (needs a model in the store)
 	BENTOML=$(BIN)/bentoml BASE_IMAGE=$(BASE_IMAGE) CA_BUNDLE=$(CA_BUNDLE) IMAGE_BACKEND=$(IMAGE_BACKEND) deploy/image/build.sh
 
-image-prune: ## remove old malaria images (all but :latest; KEEP_LATEST=0: all) and dangling layers
+image-prune: ## remove old malaria images and archives (all but :latest; KEEP_LATEST=0: all), dangling layers, failed-build containers
 	IMAGE_BACKEND=$(IMAGE_BACKEND) deploy/image/prune.sh
 
 image-smoke: install ## run the image from `make image`, classify held-out cells, check, stop cleanly

@@ -57,7 +57,7 @@ class Settings(BaseSettings):
     deterministic: bool = Field(
         default=True,
         description="Deterministic TensorFlow kernels and input pipeline: same data, seed, machine and threads "
-        "give the same model.",
+        "give the same model. Process-wide: false cannot undo an earlier deterministic training in the process.",
     )
     max_train_images: int | None = Field(default=None, description="Cap per split, for smoke runs.")
     artifacts_dir: Path = Path("training_artifacts")

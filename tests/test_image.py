@@ -67,14 +67,17 @@ case "$1" in
       'localhost/malaria-classifier:v2 id2' 'localhost/malaria-classifier:latest id2' \\
       'localhost/malaria-classifier:v1 id1' 'localhost/malaria-flows:v1 fid1' \\
       'localhost/malaria-flows:latest fid2' 'localhost/malaria-base:bookworm bid' \\
-      'docker.io/library/python:3.11-slim pid' ;;
+      'docker.io/library/python:3.11-slim pid' '<none>:<none> dangling' \\
+      'quay.io/someone/malaria-classifier:v0 qid' ;;
   containers) printf '%s\\n' 'c1 localhost/malaria-base:bookworm' 'c2 docker.io/library/debian:12' ;;
   info) echo "$GRAPHROOT" ;;
 esac
 """
 
 
-def _run_with_fake_buildah(tmp_path: Path, script: str, **env: str) -> tuple[subprocess.CompletedProcess, list[str]]:
+def _run_with_fake_buildah(
+    tmp_path: Path, script: str, cwd: Path = ROOT, **env: str
+) -> tuple[subprocess.CompletedProcess, list[str]]:
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
     fake = bin_dir / "buildah"
@@ -89,7 +92,7 @@ def _run_with_fake_buildah(tmp_path: Path, script: str, **env: str) -> tuple[sub
         "IMAGE_BACKEND": "buildah",
         **env,
     }
-    result = subprocess.run([str(ROOT / script)], cwd=ROOT, env=environment, capture_output=True, text=True, timeout=60)
+    result = subprocess.run([str(ROOT / script)], cwd=cwd, env=environment, capture_output=True, text=True, timeout=60)
     return result, calls.read_text().splitlines()
 
 
@@ -97,7 +100,8 @@ def test_image_prune_keeps_latest_and_removes_older_builds_and_failed_build_cont
     result, calls = _run_with_fake_buildah(tmp_path, "deploy/image/prune.sh")
     assert result.returncode == 0, result.stderr
     removed = sorted(call.removeprefix("rmi ") for call in calls if call.startswith("rmi ") and "--prune" not in call)
-    # v2 shares its image with :latest, so removing the tag would free nothing; other repositories stay.
+    # v2 shares its image with :latest, so removing the tag would free nothing; other repositories stay,
+    # and dangling images go through `rmi --prune`, not by name.
     assert removed == ["localhost/malaria-classifier:v1", "localhost/malaria-flows:v1"]
     assert "rm c1" in calls and "rm c2" not in calls
     assert "rmi --prune" in calls
@@ -109,13 +113,24 @@ def test_image_prune_without_keep_latest_removes_every_malaria_build(tmp_path):
     assert result.returncode == 0, result.stderr
     removed = {call.removeprefix("rmi ") for call in calls if call.startswith("rmi ") and "--prune" not in call}
     assert len(removed) == 5
-    assert all("malaria-classifier" in name or "malaria-flows" in name for name in removed)
+    assert all(name.startswith(("localhost/malaria-classifier:", "localhost/malaria-flows:")) for name in removed)
 
 
 def test_image_build_refuses_to_start_without_enough_disk(tmp_path):
     result, calls = _run_with_fake_buildah(
-        tmp_path, "deploy/image/build.sh", IMAGE_MIN_FREE_GB="100000000", BENTOML="/nonexistent/bentoml"
+        tmp_path, "deploy/image/build.sh", IMAGE_MIN_FREE_GIB="100000000", BENTOML="/nonexistent/bentoml"
     )
     assert result.returncode == 2
-    assert "needs 100000000 GB" in result.stderr and "make image-prune" in result.stderr
+    assert "needs 100000000 GiB" in result.stderr and "make image-prune" in result.stderr
     assert not any(call.startswith(("build", "push")) for call in calls)
+
+
+def test_image_prune_keeps_only_the_current_archive(tmp_path):
+    work = tmp_path / "work"
+    (work / "dist").mkdir(parents=True)
+    for version in ("old", "new"):
+        (work / "dist" / f"malaria-classifier-{version}.oci.tar").write_bytes(b"layer")
+    (work / "dist" / "image.env").write_text("ARCHIVE=dist/malaria-classifier-new.oci.tar\n")
+    result, _ = _run_with_fake_buildah(tmp_path, "deploy/image/prune.sh", cwd=work)
+    assert result.returncode == 0, result.stderr
+    assert sorted(p.name for p in (work / "dist").glob("*.oci.tar")) == ["malaria-classifier-new.oci.tar"]

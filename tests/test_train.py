@@ -1,11 +1,14 @@
 """Training: the profile, the settings that override it, and fitting that repeats itself."""
 
-import numpy as np
-import pandas as pd
+import json
+import subprocess
+import sys
+from pathlib import Path
 
 from malaria.model import PROFILES, build_model
-from malaria.spec import ModelSpec
-from malaria.train import SplitData, fit_model, resolve_profile
+from malaria.train import resolve_profile
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_settings_override_the_profile(settings_factory):
@@ -25,21 +28,48 @@ def test_without_overrides_the_profile_is_unchanged(settings_factory):
     assert resolve_profile(settings) == PROFILES["quick"]
 
 
-def test_deterministic_training_repeats_the_same_weights(settings_factory):
-    settings = settings_factory(width=0.125, epochs=2, image_size=32, batch_size=16, deterministic=True)
-    profile = resolve_profile(settings)
-    rng = np.random.default_rng(0)
-    labels = (rng.random(96) > 0.5).astype(np.float32)
-    train_data = SplitData(pd.DataFrame(), rng.random((96, 32, 32, 3), dtype=np.float32), labels)
-    val_data = SplitData(pd.DataFrame(), train_data.images[:32], labels[:32])
+# In a fresh interpreter: op determinism is process-wide and other tests' training turns it on.
+REPEATED_FIT = """
+import json, sys
+from pathlib import Path
 
-    runs = [fit_model(profile, ModelSpec(image_size=32), settings, train_data, val_data) for _ in range(2)]
+import numpy as np
+import pandas as pd
 
-    (first, first_history), (second, second_history) = runs
-    assert first_history == second_history
-    assert len(first_history["loss"]) == 2
-    for a, b in zip(first.get_weights(), second.get_weights(), strict=True):
-        np.testing.assert_array_equal(a, b)
-    # The weights moved: the comparison is between two trainings, not two initialisations.
-    untrained = build_model(profile, 32, seed=settings.seed)
-    assert any(not np.array_equal(a, b) for a, b in zip(first.get_weights(), untrained.get_weights(), strict=True))
+from malaria.model import build_model
+from malaria.spec import ModelSpec
+from malaria.train import SplitData, fit_model, resolve_profile
+from tests.conftest import make_settings
+
+settings = make_settings(Path(sys.argv[1]), width=0.125, epochs=2, image_size=32, batch_size=16, deterministic=True)
+profile = resolve_profile(settings)
+rng = np.random.default_rng(0)
+labels = (rng.random(96) > 0.5).astype(np.float32)
+train_data = SplitData(pd.DataFrame(), rng.random((96, 32, 32, 3), dtype=np.float32), labels)
+val_data = SplitData(pd.DataFrame(), train_data.images[:32], labels[:32])
+(first, first_history), (second, second_history) = [
+    fit_model(profile, ModelSpec(image_size=32), settings, train_data, val_data) for _ in range(2)
+]
+untrained = build_model(profile, 32, seed=settings.seed)
+pairs = list(zip(first.get_weights(), second.get_weights(), strict=True))
+print(json.dumps({
+    "epochs": len(first_history["loss"]),
+    "same_history": first_history == second_history,
+    "same_weights": all(np.array_equal(a, b) for a, b in pairs),
+    "trained": any(not np.array_equal(a, b) for a, b in zip(first.get_weights(), untrained.get_weights())),
+}))
+"""
+
+
+def test_deterministic_training_repeats_the_same_weights(tmp_path):
+    result = subprocess.run(
+        [sys.executable, "-c", REPEATED_FIT, str(tmp_path)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    outcome = json.loads(result.stdout.strip().splitlines()[-1])
+    # "trained": the two runs are compared after their weights moved, not as two initialisations.
+    assert outcome == {"epochs": 2, "same_history": True, "same_weights": True, "trained": True}

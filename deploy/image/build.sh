@@ -21,14 +21,14 @@ fi
 started=$SECONDS
 
 # vfs storage copies the whole file system per layer: one build of both images peaked at 10.7 GB
-# more disk in use (df sampled every 2 s during `make image` here).
+# (10 GiB) more disk in use (df sampled every 2 s during `make image` here).
 if [[ "$backend" == buildah ]]; then
     graphroot="$(buildah info --format '{{.store.GraphRoot}}')"
     mkdir -p "$graphroot"
-    free_gb=$(( $(df -Pk "$graphroot" | awk 'NR == 2 {print $4}') / 1024 / 1024 ))
-    min_free_gb="${IMAGE_MIN_FREE_GB:-14}"
-    if (( free_gb < min_free_gb )); then
-        echo "only ${free_gb} GB free under $graphroot; building both images needs ${min_free_gb} GB." >&2
+    free_gib=$(( $(df -Pk "$graphroot" | awk 'NR == 2 {print $4}') / 1024 / 1024 ))
+    min_free_gib="${IMAGE_MIN_FREE_GIB:-14}"
+    if (( free_gib < min_free_gib )); then
+        echo "only ${free_gib} GiB free under $graphroot; building both images needs ${min_free_gib} GiB." >&2
         echo "Free space with \`make image-prune\` (old malaria images, dangling layers) and retry." >&2
         exit 2
     fi

@@ -30,5 +30,5 @@ rm -rf "$work"/rootfs/var/lib/apt/lists/* "$work"/rootfs/var/cache/apt/*.bin "$w
 
 tar --numeric-owner -C "$work/rootfs" -cf "$work/rootfs.tar" .
 printf 'FROM scratch\nADD rootfs.tar /\nENV LANG=C.UTF-8\nCMD ["python3"]\n' > "$work/Containerfile"
-buildah build --layers=false -t "$image" -f "$work/Containerfile" "$work"
+buildah build --layers=false --force-rm -t "$image" -f "$work/Containerfile" "$work"
 echo "built $image"
