@@ -88,6 +88,7 @@ def training_pipeline(force: bool = False, build: bool = True) -> dict:
         mode="json",
         include={
             "seed",
+            "train_seed",
             "val_fraction",
             "test_fraction",
             "profile",

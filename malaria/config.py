@@ -44,7 +44,10 @@ class Settings(BaseSettings):
     max_image_side: int = 2048
 
     # Split and training
-    seed: int = 42
+    seed: int = Field(default=42, description="Seed of the patient split, and of training unless train_seed is set.")
+    train_seed: int | None = Field(
+        default=None, description="Seed of initialisation, shuffling and augmentation; unset = seed (same split)."
+    )
     val_fraction: float = 0.15
     test_fraction: float = 0.15
     profile: Profile = "quick"
@@ -111,6 +114,11 @@ class Settings(BaseSettings):
     # Logging
     log_level: str = "INFO"
     log_dir: Path = Path("logs")
+
+    @property
+    def training_seed(self) -> int:
+        """The seed of initialisation, shuffling and augmentation."""
+        return self.seed if self.train_seed is None else self.train_seed
 
     def nih_data_dir(self) -> Path:
         """Where the NIH-layout images live: MALARIA_DATA_DIR, else the DVC-tracked copy."""

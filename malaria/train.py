@@ -93,7 +93,7 @@ def fit_model(
         # same data, seed, machine and thread count give the same weights.
         tf.config.experimental.enable_op_determinism()
     epochs, learning_rate = profile.epochs, profile.learning_rate
-    model = build_model(profile, spec.image_size, seed=settings.seed)
+    model = build_model(profile, spec.image_size, seed=settings.training_seed)
     steps = epochs * int(np.ceil(len(train_data.labels) / settings.batch_size))
     schedule = keras.optimizers.schedules.CosineDecay(
         learning_rate / 10,
@@ -109,7 +109,7 @@ def fit_model(
     )
     fit = model.fit(
         augmentation_pipeline(
-            train_data.images, train_data.labels, settings.batch_size, settings.seed, settings.deterministic
+            train_data.images, train_data.labels, settings.batch_size, settings.training_seed, settings.deterministic
         ),
         validation_data=(val_data.images, val_data.labels),
         validation_batch_size=256,
@@ -178,6 +178,7 @@ def train(settings: Settings, force: bool = False) -> RegisteredVersion:
         "learning_rate": profile.learning_rate,
         "weight_decay": profile.weight_decay,
         "seed": settings.seed,
+        "train_seed": settings.training_seed,
         "deterministic": settings.deterministic,
         "train_images": len(train_data.labels),
         "val_images": len(val_data.labels),

@@ -28,6 +28,11 @@ def test_without_overrides_the_profile_is_unchanged(settings_factory):
     assert resolve_profile(settings) == PROFILES["quick"]
 
 
+def test_the_training_seed_defaults_to_the_split_seed(settings_factory):
+    assert settings_factory(seed=7, train_seed=None).training_seed == 7
+    assert settings_factory(seed=7, train_seed=3).training_seed == 3
+
+
 # In a fresh interpreter: op determinism is process-wide and other tests' training turns it on.
 REPEATED_FIT = """
 import json, sys
@@ -50,6 +55,8 @@ val_data = SplitData(pd.DataFrame(), train_data.images[:32], labels[:32])
 (first, first_history), (second, second_history) = [
     fit_model(profile, ModelSpec(image_size=32), settings, train_data, val_data) for _ in range(2)
 ]
+reseeded = settings.model_copy(update={"train_seed": 8})
+other_seed, _ = fit_model(profile, ModelSpec(image_size=32), reseeded, train_data, val_data)
 untrained = build_model(profile, 32, seed=settings.seed)
 pairs = list(zip(first.get_weights(), second.get_weights(), strict=True))
 print(json.dumps({
@@ -57,6 +64,7 @@ print(json.dumps({
     "same_history": first_history == second_history,
     "same_weights": all(np.array_equal(a, b) for a, b in pairs),
     "trained": any(not np.array_equal(a, b) for a, b in zip(first.get_weights(), untrained.get_weights())),
+    "train_seed_used": any(not np.array_equal(a, b) for a, b in zip(first.get_weights(), other_seed.get_weights())),
 }))
 """
 
@@ -72,4 +80,10 @@ def test_deterministic_training_repeats_the_same_weights(tmp_path):
     assert result.returncode == 0, result.stderr[-2000:]
     outcome = json.loads(result.stdout.strip().splitlines()[-1])
     # "trained": the two runs are compared after their weights moved, not as two initialisations.
-    assert outcome == {"epochs": 2, "same_history": True, "same_weights": True, "trained": True}
+    assert outcome == {
+        "epochs": 2,
+        "same_history": True,
+        "same_weights": True,
+        "trained": True,
+        "train_seed_used": True,
+    }
