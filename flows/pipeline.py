@@ -95,6 +95,7 @@ def training_pipeline(force: bool = False, build: bool = True) -> dict:
             "image_size",
             "width",
             "epochs",
+            "optimizer",
             "learning_rate",
             "weight_decay",
             "batch_size",
