@@ -95,7 +95,6 @@ def training_pipeline(force: bool = False, build: bool = True) -> dict:
             "image_size",
             "width",
             "epochs",
-            "optimizer",
             "learning_rate",
             "weight_decay",
             "batch_size",

@@ -9,8 +9,6 @@ from typing import Literal
 from pydantic import AliasChoices, Field
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict, YamlConfigSettingsSource
 
-from malaria.model import Optimizer
-
 Profile = Literal["quick", "full"]
 
 
@@ -58,8 +56,7 @@ class Settings(BaseSettings):
     width: float | None = Field(default=None, gt=0, description="Override the profile's width (1.0 = VGG16's filters).")
     batch_size: int = 64
     learning_rate: float | None = None
-    optimizer: Optimizer | None = Field(default=None, description="Override the profile's optimiser (sgd, adamw).")
-    weight_decay: float | None = Field(default=None, ge=0, description="Override the profile's weight decay.")
+    weight_decay: float | None = Field(default=None, ge=0, description="Override the profile's AdamW weight decay.")
     deterministic: bool = Field(
         default=True,
         description="Deterministic TensorFlow kernels and input pipeline: same data, seed, machine and threads "

@@ -14,14 +14,7 @@ import pandas as pd
 from malaria import evaluation
 from malaria.config import Settings
 from malaria.data import ensure_dataset, labels_of, load_arrays, prepare, read_manifest
-from malaria.model import (
-    PROFILES,
-    TrainingProfile,
-    augmentation_pipeline,
-    build_model,
-    compiled_predict,
-    make_optimizer,
-)
+from malaria.model import PROFILES, TrainingProfile, augmentation_pipeline, build_model, compiled_predict
 from malaria.monitoring import image_features_batch
 from malaria.registry import RegisteredVersion, log_model_version
 from malaria.spec import ModelSpec
@@ -83,7 +76,6 @@ def resolve_profile(settings: Settings) -> TrainingProfile:
         width=settings.width or profile.width,
         epochs=settings.epochs or profile.epochs,
         learning_rate=settings.learning_rate or profile.learning_rate,
-        optimizer=settings.optimizer or profile.optimizer,
         weight_decay=profile.weight_decay if settings.weight_decay is None else settings.weight_decay,
     )
 
@@ -91,7 +83,7 @@ def resolve_profile(settings: Settings) -> TrainingProfile:
 def fit_model(
     profile: TrainingProfile, spec: ModelSpec, settings: Settings, train_data: SplitData, val_data: SplitData
 ):
-    """Build the profile's model and fit it (warm-up then cosine decay); returns it and its history."""
+    """Build the profile's model and fit it (AdamW, warm-up then cosine decay); returns it and its history."""
     import keras
 
     if settings.deterministic:
@@ -111,7 +103,7 @@ def fit_model(
         alpha=0.01,
     )
     model.compile(
-        optimizer=make_optimizer(profile, schedule),
+        optimizer=keras.optimizers.AdamW(schedule, weight_decay=profile.weight_decay),
         loss="binary_crossentropy",
         metrics=["accuracy", keras.metrics.AUC(name="auc")],
     )
@@ -183,7 +175,6 @@ def train(settings: Settings, force: bool = False) -> RegisteredVersion:
         "width": profile.width,
         "epochs": profile.epochs,
         "batch_size": settings.batch_size,
-        "optimizer": profile.optimizer,
         "learning_rate": profile.learning_rate,
         "weight_decay": profile.weight_decay,
         "seed": settings.seed,

@@ -3,23 +3,17 @@
 import json
 import subprocess
 import sys
-from dataclasses import replace
 from pathlib import Path
 
-import keras
-
-from malaria.model import PROFILES, build_model, make_optimizer
+from malaria.model import PROFILES, build_model
 from malaria.train import resolve_profile
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_settings_override_the_profile(settings_factory):
-    settings = settings_factory(
-        width=0.125, epochs=3, image_size=40, learning_rate=1e-3, weight_decay=0.0, optimizer="adamw"
-    )
+    settings = settings_factory(width=0.125, epochs=3, image_size=40, learning_rate=1e-3, weight_decay=0.0)
     profile = resolve_profile(settings)
-    assert profile.optimizer == "adamw" != PROFILES["quick"].optimizer
     assert (profile.width, profile.epochs, profile.image_size, profile.learning_rate) == (0.125, 3, 40, 1e-3)
     assert profile.weight_decay == 0.0  # zero is an override, not "unset"
 
@@ -30,18 +24,8 @@ def test_settings_override_the_profile(settings_factory):
 
 
 def test_without_overrides_the_profile_is_unchanged(settings_factory):
-    settings = settings_factory(
-        width=None, epochs=None, image_size=None, learning_rate=None, weight_decay=None, optimizer=None
-    )
+    settings = settings_factory(width=None, epochs=None, image_size=None, learning_rate=None, weight_decay=None)
     assert resolve_profile(settings) == PROFILES["quick"]
-
-
-def test_the_optimizer_follows_the_profile():
-    sgd = make_optimizer(replace(PROFILES["quick"], optimizer="sgd", weight_decay=5e-4), 0.05)
-    assert isinstance(sgd, keras.optimizers.SGD)
-    assert (sgd.momentum, sgd.nesterov, sgd.weight_decay) == (0.9, True, 5e-4)
-    adamw = make_optimizer(replace(PROFILES["quick"], optimizer="adamw", weight_decay=1e-4), 1e-3)
-    assert isinstance(adamw, keras.optimizers.AdamW) and adamw.weight_decay == 1e-4
 
 
 def test_the_training_seed_defaults_to_the_split_seed(settings_factory):
