@@ -35,8 +35,8 @@ def load_split(
     """One split's images (manifest paths are relative to ``root``) through the shared preprocessing."""
     frame = manifest[manifest["split"] == split]
     if limit is not None and len(frame) > limit:
-        frame = frame.groupby("label", group_keys=False).apply(
-            lambda g: g.sample(min(len(g), limit // 2), random_state=seed)
+        frame = pd.concat(
+            [group.sample(min(len(group), limit // 2), random_state=seed) for _, group in frame.groupby("label")]
         )
     frame = frame.reset_index(drop=True)
     images = load_arrays([root / p for p in frame["path"]], spec, desc=f"loading {split}")

@@ -5,8 +5,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+from malaria.data import generate_synthetic, scan_dataset
 from malaria.model import PROFILES, build_model
-from malaria.train import resolve_profile
+from malaria.spec import ModelSpec
+from malaria.train import load_split, resolve_profile
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -26,6 +28,19 @@ def test_settings_override_the_profile(settings_factory):
 def test_without_overrides_the_profile_is_unchanged(settings_factory):
     settings = settings_factory(width=None, epochs=None, image_size=None, learning_rate=None, weight_decay=None)
     assert resolve_profile(settings) == PROFILES["quick"]
+
+
+def test_a_capped_split_keeps_both_classes_in_equal_numbers(settings_factory, tmp_path):
+    root = generate_synthetic(tmp_path / "cells", per_class=10, n_patients=2, size=40, seed=1)
+    settings = settings_factory(data_dir=root)
+    frame, _ = scan_dataset(root, settings)
+    frame["split"] = "train"
+    part = load_split(frame, root, "train", ModelSpec(image_size=32), limit=8, seed=0)
+    assert part.frame["label"].value_counts().to_dict() == {"Parasitized": 4, "Uninfected": 4}
+    assert part.images.shape == (8, 32, 32, 3)
+    assert part.labels.sum() == 4  # labels follow the rows that were drawn
+    again = load_split(frame, root, "train", ModelSpec(image_size=32), limit=8, seed=0)
+    assert part.frame["path"].tolist() == again.frame["path"].tolist()
 
 
 def test_the_training_seed_defaults_to_the_split_seed(settings_factory):
