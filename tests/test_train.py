@@ -1,4 +1,4 @@
-"""Training: the profile, the settings that override it, and fitting that repeats itself."""
+"""Training: the profile, the settings that override it, capped smoke-run splits, and fitting that repeats itself."""
 
 import json
 import subprocess
