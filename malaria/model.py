@@ -114,6 +114,41 @@ def augmentation_pipeline(
     )
 
 
+def recompute_batch_norm_statistics(model, images: np.ndarray, batch_size: int, seed: int) -> int:
+    """Set batch norm's moving averages to population statistics over ``images`` ("precise BN").
+
+    The moving averages kept while fitting (momentum 0.9) follow the last few augmented batches, so
+    they are noisy and describe augmented cells, while served cells are not augmented. Each layer gets
+    the mean of its per-batch means and variances over shuffled batches of ``images``, with the
+    network in training mode as when fitting (Wu & Johnson, "Rethinking 'Batch' in BatchNorm", 2021).
+    Returns how many batch norm layers were updated.
+    """
+    import keras
+    import tensorflow as tf
+
+    layers = [layer for layer in model.layers if isinstance(layer, keras.layers.BatchNormalization)]
+    if not layers or not len(images):
+        return 0
+    inputs_of_layers = keras.Model(model.input, [layer.input for layer in layers])
+
+    @tf.function
+    def batch_moments(batch):
+        return [tf.nn.moments(x, axes=list(range(x.shape.rank - 1))) for x in inputs_of_layers(batch, training=True)]
+
+    order = np.random.default_rng(seed).permutation(len(images))
+    n_batches = max(1, len(images) // batch_size)
+    means = [np.zeros(layer.input.shape[-1]) for layer in layers]
+    variances = [np.zeros(layer.input.shape[-1]) for layer in layers]
+    for start in range(0, n_batches * batch_size, batch_size):
+        for i, (mean, variance) in enumerate(batch_moments(tf.constant(images[order[start : start + batch_size]]))):
+            means[i] += mean.numpy() / n_batches
+            variances[i] += variance.numpy() / n_batches
+    for layer, mean, variance in zip(layers, means, variances, strict=True):
+        layer.moving_mean.assign(mean)
+        layer.moving_variance.assign(variance)
+    return len(layers)
+
+
 def compiled_predict(model):
     """The fastest CPU inference call: a traced ``tf.function`` over ``model(x, training=False)``."""
     import tensorflow as tf

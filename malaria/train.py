@@ -14,7 +14,14 @@ import pandas as pd
 from malaria import evaluation
 from malaria.config import Settings
 from malaria.data import ensure_dataset, labels_of, load_arrays, prepare, read_manifest
-from malaria.model import PROFILES, TrainingProfile, augmentation_pipeline, build_model, compiled_predict
+from malaria.model import (
+    PROFILES,
+    TrainingProfile,
+    augmentation_pipeline,
+    build_model,
+    compiled_predict,
+    recompute_batch_norm_statistics,
+)
 from malaria.monitoring import image_features_batch
 from malaria.registry import RegisteredVersion, log_model_version
 from malaria.spec import ModelSpec
@@ -83,7 +90,10 @@ def resolve_profile(settings: Settings) -> TrainingProfile:
 def fit_model(
     profile: TrainingProfile, spec: ModelSpec, settings: Settings, train_data: SplitData, val_data: SplitData
 ):
-    """Build the profile's model and fit it (AdamW, warm-up then cosine decay); returns it and its history."""
+    """Build the profile's model and fit it (AdamW, warm-up then cosine decay); returns it and its history.
+
+    Batch norm's statistics are then recomputed over the unaugmented training images.
+    """
     import keras
 
     if settings.deterministic:
@@ -118,6 +128,9 @@ def fit_model(
         verbose=0,
         callbacks=[epoch_logger(epochs)],
     )
+    updated = recompute_batch_norm_statistics(model, train_data.images, settings.batch_size, settings.training_seed)
+    if updated:
+        logger.info("batch norm statistics of %d layers recomputed over the training images", updated)
     history = {k: [float(v) for v in values] for k, values in fit.history.items() if k != "learning_rate"}
     return model, history
 
