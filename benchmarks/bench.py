@@ -199,7 +199,8 @@ def main() -> None:
     }
     from malaria.config import get_settings
 
-    max_batch = get_settings().max_batch_size
+    settings = get_settings()
+    max_batch = settings.max_batch_size
     for batch_size in (1, max_batch):
         results["limit"][f"batch_{batch_size}"] = round(in_process_limit(images, batch_size), 1)
         print(f"limit batch {batch_size}: {results['limit'][f'batch_{batch_size}']} img/s", flush=True)
@@ -207,7 +208,7 @@ def main() -> None:
     # What batching can gain per TF thread: a worker's model call at batch 1 vs larger batches.
     results["model_only"] = {
         f"threads_{threads}": model_only(threads, tuple(sorted({1, 8, max_batch})))
-        for threads in sorted({1, os.cpu_count() or 1})
+        for threads in sorted({1, settings.tf_intra_op_threads, os.cpu_count() or 1})
     }
     print(f"model only: {results['model_only']}", flush=True)
 
@@ -241,6 +242,9 @@ def main() -> None:
         )
 
     limit = results["limit"][f"batch_{max_batch}"]
+    # The model call alone with a worker's TF threads, batch max over batch 1: what batching can add
+    # when every worker is busy either way.
+    worker_model = results["model_only"][f"threads_{settings.tf_intra_op_threads}"]
     batched = {c: point("batching", c) for c in CONCURRENCY}
     results["ratios"] = {
         "served_over_limit": round(batched[32]["images_per_s"] / limit, 3),
@@ -249,6 +253,7 @@ def main() -> None:
         "over_fastapi_baseline": round(batched[32]["images_per_s"] / point("fastapi", 32)["images_per_s"], 3),
         "c64_over_c32": round(batched[64]["images_per_s"] / batched[32]["images_per_s"], 3),
         "p99_over_p50_at_c8": round(batched[8]["p99_ms"] / batched[8]["p50_ms"], 2),
+        "model_batching_gain_per_worker": round(worker_model[str(max_batch)] / worker_model["1"], 3),
         "errors": {f"{r['service']} {r['route']} c={r['concurrency']}": r["errors"] for r in results["runs"]},
     }
     (OUT / "results.json").write_text(json.dumps(results, indent=2) + "\n")
