@@ -172,6 +172,11 @@ def write_manifest(frame: pd.DataFrame, path: Path) -> Path:
     return path
 
 
+def images_fingerprint(frame: pd.DataFrame) -> str:
+    """A short hash of which image files (paths relative to the data folder) a set of manifest rows holds."""
+    return hashlib.sha256("\n".join(sorted(frame["path"])).encode()).hexdigest()[:16]
+
+
 def read_manifest(path: Path) -> pd.DataFrame:
     if not path.is_file():
         raise DataError(f"split manifest {path} not found: run `malaria data prepare` first")

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import json
 import logging
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -15,6 +16,7 @@ from malaria.spec import ModelSpec
 logger = logging.getLogger(__name__)
 
 SPEC_TAG = "malaria.spec"
+VALIDATION_SET_TAG = "malaria.validation_set"  # which images the version's validation metrics were measured on
 
 
 class RegistryError(RuntimeError):
@@ -31,6 +33,7 @@ class RegisteredVersion:
     spec: ModelSpec
     metrics: dict[str, float]
     is_champion: bool
+    tags: dict[str, str] = field(default_factory=dict)
 
     @property
     def uri(self) -> str:
@@ -70,8 +73,14 @@ def log_model_version(
     artifacts_dir: Path | None = None,
     tags: dict[str, str] | None = None,
     force: bool = False,
+    validation_set: str | None = None,
+    rescore_champion: Callable[[RegisteredVersion], float] | None = None,
 ) -> RegisteredVersion:
-    """Log a Keras model with its spec, params, metrics and artifacts; register it; gate ``champion``."""
+    """Log a Keras model with its spec, params, metrics and artifacts; register it; gate ``champion``.
+
+    ``validation_set`` names the images behind the ``val_`` metrics; ``rescore_champion`` measures the
+    gate metric of a champion validated on other images on this version's validation images.
+    """
     import mlflow
 
     mlflow_client = client(settings)
@@ -100,8 +109,14 @@ def log_model_version(
         )
     version = str(info.registered_model_version)
     mlflow_client.set_model_version_tag(settings.registered_model_name, version, SPEC_TAG, spec.to_json())
-    promoted = promote_if_better(settings, version, metrics, force=force)
-    return RegisteredVersion(settings.registered_model_name, version, run.info.run_id, spec, metrics, promoted)
+    version_tags = {SPEC_TAG: spec.to_json()}
+    if validation_set is not None:
+        mlflow_client.set_model_version_tag(settings.registered_model_name, version, VALIDATION_SET_TAG, validation_set)
+        version_tags[VALIDATION_SET_TAG] = validation_set
+    promoted = promote_if_better(settings, version, metrics, force, validation_set, rescore_champion)
+    return RegisteredVersion(
+        settings.registered_model_name, version, run.info.run_id, spec, metrics, promoted, version_tags
+    )
 
 
 def champion_version(settings: Settings) -> str | None:
@@ -115,13 +130,33 @@ def champion_version(settings: Settings) -> str | None:
     return str(mv.version)
 
 
-def promote_if_better(settings: Settings, version: str, metrics: dict[str, float], force: bool = False) -> bool:
-    """Point ``champion`` at ``version`` if it is at least as good on validation (or ``force``)."""
+def promote_if_better(
+    settings: Settings,
+    version: str,
+    metrics: dict[str, float],
+    force: bool = False,
+    validation_set: str | None = None,
+    rescore_champion: Callable[[RegisteredVersion], float] | None = None,
+) -> bool:
+    """Point ``champion`` at ``version`` if it is at least as good on validation (or ``force``).
+
+    Scores measured on different images do not compare: a champion validated on other images than
+    ``validation_set`` (another data set, split or cap) is scored again with ``rescore_champion``.
+    """
     mlflow_client = client(settings)
     current = champion_version(settings)
     new_score = metrics.get(settings.gate_metric)
     if current is not None and not force:
-        old_score = get_version(settings, current).metrics.get(settings.gate_metric)
+        champion = get_version(settings, current)
+        old_score = champion.metrics.get(settings.gate_metric)
+        if rescore_champion is not None and champion.tags.get(VALIDATION_SET_TAG) != validation_set:
+            old_score = rescore_champion(champion)
+            logger.info(
+                "champion v%s was validated on other images: %s %.4f on this version's validation images",
+                current,
+                settings.gate_metric,
+                old_score,
+            )
         if old_score is not None and (new_score is None or new_score < old_score):
             logger.info(
                 "version %s not promoted: %s %.4f < champion v%s %.4f (use --force to override)",
@@ -161,7 +196,9 @@ def get_version(settings: Settings, version: str | None = None) -> RegisteredVer
         spec = ModelSpec.from_metadata(mlflow.models.get_model_info(f"models:/{name}/{mv.version}").metadata)
     metrics = dict(mlflow_client.get_run(mv.run_id).data.metrics) if mv.run_id else {}
     aliases = set(getattr(mv, "aliases", []) or [])
-    return RegisteredVersion(name, str(mv.version), mv.run_id, spec, metrics, settings.champion_alias in aliases)
+    return RegisteredVersion(
+        name, str(mv.version), mv.run_id, spec, metrics, settings.champion_alias in aliases, dict(mv.tags)
+    )
 
 
 def update_spec(settings: Settings, version: str, spec: ModelSpec) -> None:

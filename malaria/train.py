@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -13,7 +14,7 @@ import pandas as pd
 
 from malaria import evaluation
 from malaria.config import Settings
-from malaria.data import ensure_dataset, labels_of, load_arrays, prepare, read_manifest
+from malaria.data import ensure_dataset, images_fingerprint, labels_of, load_arrays, prepare, read_manifest
 from malaria.model import (
     PROFILES,
     TrainingProfile,
@@ -23,7 +24,7 @@ from malaria.model import (
     recompute_batch_norm_statistics,
 )
 from malaria.monitoring import image_features_batch
-from malaria.registry import RegisteredVersion, log_model_version
+from malaria.registry import RegisteredVersion, load_keras_model, log_model_version
 from malaria.spec import ModelSpec
 
 logger = logging.getLogger(__name__)
@@ -55,6 +56,21 @@ def predict_probability(model, images: np.ndarray, spec: ModelSpec, batch_size: 
     predict = compiled_predict(model)
     outputs = [predict(images[i : i + batch_size]) for i in range(0, len(images), batch_size)]
     return spec.probability_positive(np.concatenate(outputs) if outputs else np.empty((0, 1)))
+
+
+def validation_scorer(settings: Settings, root: Path, val_data: SplitData) -> Callable[[RegisteredVersion], float]:
+    """The gate metric of a registered version on ``val_data``: how a champion validated elsewhere is compared."""
+
+    def score(version: RegisteredVersion) -> float:
+        model, _ = load_keras_model(settings, version.version)
+        images = val_data.images
+        if images.shape[1] != version.spec.image_size:
+            images = load_arrays([root / p for p in val_data.frame["path"]], version.spec, desc="loading val")
+        probabilities = predict_probability(model, images, version.spec)
+        metrics = evaluation.classification_metrics(val_data.labels, probabilities, version.spec.threshold)
+        return metrics[settings.gate_metric.removeprefix("val_")]
+
+    return score
 
 
 def epoch_logger(epochs: int):
@@ -207,6 +223,8 @@ def train(settings: Settings, force: bool = False) -> RegisteredVersion:
         history=history,
         artifacts_dir=artifacts,
         force=force,
+        validation_set=images_fingerprint(val_data.frame),
+        rescore_champion=validation_scorer(settings, root, val_data),
     )
     logger.info(
         "registered %s version %s%s in %.0fs",

@@ -9,8 +9,15 @@ import numpy as np
 import pytest
 
 from malaria.bento import load_stored_keras, stored_spec
-from malaria.registry import RegistryError, champion_version, get_version, promote_if_better
-from malaria.train import predict_probability
+from malaria.data import ensure_dataset, images_fingerprint, read_manifest
+from malaria.registry import (
+    VALIDATION_SET_TAG,
+    RegistryError,
+    champion_version,
+    get_version,
+    promote_if_better,
+)
+from malaria.train import load_split, predict_probability, validation_scorer
 
 pytestmark = pytest.mark.slow
 
@@ -62,6 +69,41 @@ def test_champion_alias_only_moves_for_a_model_at_least_as_good(champion):
     assert promote_if_better(settings, newer.version, worse, force=True)
     assert champion_version(settings) == str(newer.version)
     client.set_registered_model_alias(settings.registered_model_name, "champion", record.version)
+
+
+def test_a_champion_validated_on_other_images_is_scored_again_on_the_new_ones(champion):
+    """A real-data model must not lose to a champion whose score came from other (e.g. generated) images."""
+    settings, record, _ = champion
+    champion_set = get_version(settings).tags[VALIDATION_SET_TAG]
+    assert champion_set == record.tags[VALIDATION_SET_TAG]
+    mlflow.set_tracking_uri(settings.mlflow_tracking_uri)
+    client = mlflow.MlflowClient()
+    newer = client.create_model_version(
+        settings.registered_model_name, f"runs:/{record.run_id}/model", run_id=record.run_id
+    )
+    candidate = {settings.gate_metric: record.metrics[settings.gate_metric] - 0.1}
+    rescored = []
+
+    def rescore(version):
+        rescored.append(version.version)
+        return candidate[settings.gate_metric] - 0.05
+
+    # Same validation images: the recorded scores compare, nothing is rescored.
+    assert not promote_if_better(settings, newer.version, candidate, False, champion_set, rescore)
+    assert rescored == [] and champion_version(settings) == record.version
+    # Other validation images: the champion is scored on the candidate's, and loses there.
+    assert promote_if_better(settings, newer.version, candidate, False, "other-images", rescore)
+    assert rescored == [record.version] and champion_version(settings) == str(newer.version)
+    client.set_registered_model_alias(settings.registered_model_name, "champion", record.version)
+
+
+def test_rescoring_a_version_on_its_own_validation_images_gives_its_recorded_score(champion):
+    settings, record, _ = champion
+    manifest = read_manifest(settings.splits_path)
+    val = load_split(manifest, ensure_dataset(settings), "val", record.spec, settings.max_train_images, settings.seed)
+    assert images_fingerprint(val.frame) == record.tags[VALIDATION_SET_TAG]
+    score = validation_scorer(settings, ensure_dataset(settings), val)(get_version(settings, record.version))
+    assert score == pytest.approx(record.metrics[settings.gate_metric], abs=1e-6)
 
 
 def test_imported_bento_model_carries_spec_and_lineage(champion):
