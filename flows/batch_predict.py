@@ -30,20 +30,7 @@ def _is_transient(task, task_run, state) -> bool:
 def classify_chunk(paths: list[Path], url: str, token: str | None) -> list[dict]:
     """One request for the chunk; if the service rejects it (a bad file), one request per file."""
     with MalariaClient(url, token=token) as client:
-        try:
-            return [{"path": str(p), **r} for p, r in zip(paths, client.classify(paths), strict=True)]
-        except BentoMLException as exc:
-            if int(exc.error_code) >= 500:
-                raise
-        results = []
-        for path in paths:
-            try:
-                results.append({"path": str(path), **client.predict(path)})
-            except BentoMLException as exc:
-                if int(exc.error_code) >= 500:
-                    raise
-                results.append({"path": str(path), "error": str(exc)})
-        return results
+        return client.classify_files(paths)
 
 
 @flow(name="batch-predict", task_runner=ThreadPoolTaskRunner(max_workers=4), log_prints=True)

@@ -179,9 +179,13 @@ def predict(
     url: Annotated[str, typer.Option(envvar="MALARIA_URL", help="Service URL.")] = "http://localhost:3000",
     token: Annotated[str | None, typer.Option(envvar="MALARIA_API_TOKEN", help="Bearer token.")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")] = False,
-    chunk: Annotated[int, typer.Option(help="Images per request.")] = 32,
+    chunk: Annotated[int, typer.Option(min=1, help="Images per request.")] = 32,
+    wait: Annotated[float, typer.Option(min=0, help="Seconds to wait for the service to be ready.")] = 10,
 ) -> None:
-    """Classify images with a running service and print a table (or JSON)."""
+    """Classify images with a running service and print a table (or JSON).
+
+    A file the service rejects gets its error in place of a result (exit code 1); the others are still classified.
+    """
     from malaria.client import MalariaClient, collect_images
 
     try:
@@ -190,19 +194,32 @@ def predict(
         _fail(str(exc))
     if not images:
         _fail("no image files found")
-    results = []
-    with MalariaClient(url, token=token) as client:
-        for start in range(0, len(images), chunk):
-            part = images[start : start + chunk]
-            for path, result in zip(part, client.classify(part), strict=True):
-                results.append({"path": str(path), **result})
+    results: list[dict] = []
+    failure = None
+    try:
+        with MalariaClient(url, token=token, server_ready_timeout=wait) as client:
+            for start in range(0, len(images), chunk):
+                results += client.classify_files(images[start : start + chunk])
+    except Exception as exc:  # noqa: BLE001 - connection errors come from httpx as well as BentoML
+        hint = "" if results else " (is it running, and is the token right?)"
+        failure = f"service at {url}: {exc}{hint}; {len(images) - len(results)} of {len(images)} images not classified"
     if as_json:
         typer.echo(json.dumps(results, indent=2))
-        return
-    width = max(len(r["path"]) for r in results)
-    typer.echo(f"{'image':<{width}}  {'label':<11}  {'P(parasitized)':>14}  decision")
-    for r in results:
-        typer.echo(f"{r['path']:<{width}}  {r['label']:<11}  {r['probability_parasitized']:>14.4f}  {r['decision']}")
+    elif results:
+        width = max(len(r["path"]) for r in results)
+        typer.echo(f"{'image':<{width}}  {'label':<11}  {'P(parasitized)':>14}  decision")
+        for r in results:
+            if "error" in r:
+                typer.echo(f"{r['path']:<{width}}  rejected: {r['error']}")
+            else:
+                typer.echo(
+                    f"{r['path']:<{width}}  {r['label']:<11}  {r['probability_parasitized']:>14.4f}  {r['decision']}"
+                )
+    rejected = sum("error" in r for r in results)
+    if failure:
+        _fail(failure)
+    if rejected:
+        _fail(f"{rejected} of {len(images)} files rejected by the service")
 
 
 @app.command()

@@ -24,10 +24,18 @@ def collect_images(paths: Iterable[Path | str]) -> list[Path]:
 class MalariaClient:
     """Synchronous client: ``with MalariaClient(url) as c: c.predict("cell.png")``."""
 
-    def __init__(self, url: str = "http://localhost:3000", token: str | None = None, timeout: float = 60):
+    def __init__(
+        self,
+        url: str = "http://localhost:3000",
+        token: str | None = None,
+        timeout: float = 60,
+        server_ready_timeout: float | None = None,
+    ):
         import bentoml
 
-        self._client = bentoml.SyncHTTPClient(url, token=token, timeout=timeout)
+        self._client = bentoml.SyncHTTPClient(
+            url, token=token, timeout=timeout, server_ready_timeout=server_ready_timeout
+        )
 
     def predict(self, image: Path | str) -> dict:
         """One image -> one prediction."""
@@ -36,6 +44,29 @@ class MalariaClient:
     def classify(self, images: list[Path | str]) -> list[dict]:
         """Several images -> one prediction each, in order."""
         return self._client.classify(images=[Path(p) for p in images])
+
+    def classify_files(self, images: list[Path | str]) -> list[dict]:
+        """Several images -> ``{"path", **prediction}`` each, or ``{"path", "error"}`` for a file the service rejects.
+
+        One request for all; if the service rejects it (a 4xx: some file is not a usable image), one request
+        per file, so one bad file costs only its own result. Server errors (5xx) are raised.
+        """
+        from bentoml.exceptions import BentoMLException
+
+        try:
+            return [{"path": str(p), **r} for p, r in zip(images, self.classify(images), strict=True)]
+        except BentoMLException as exc:
+            if int(exc.error_code) >= 500:
+                raise
+        results = []
+        for path in images:
+            try:
+                results.append({"path": str(path), **self.predict(path)})
+            except BentoMLException as exc:
+                if int(exc.error_code) >= 500:
+                    raise
+                results.append({"path": str(path), "error": str(exc)})
+        return results
 
     def batch_predict(self, images: list[Path | str]) -> dict:
         """Several images -> predictions plus counts per label and decision."""

@@ -270,6 +270,25 @@ def test_python_client_and_cli(server, cells, expected):
     server.successes += 5 + len(list(folder.glob("*.png")))
 
 
+def test_cli_predict_reports_a_rejected_file_and_classifies_the_rest(server, cells, expected, tmp_path):
+    from typer.testing import CliRunner
+
+    from malaria.cli import app
+
+    good = cells["Parasitized"][3:5] + cells["Uninfected"][3:4]
+    for path in good:
+        (tmp_path / path.name).write_bytes(path.read_bytes())
+    (tmp_path / "broken.png").write_bytes(b"not an image")
+    result = CliRunner().invoke(app, ["predict", str(tmp_path), "--url", server.url, "--json"])
+    assert result.exit_code == 1 and "1 of 4 files rejected" in result.stderr
+    printed = {Path(r["path"]).name: r for r in json.loads(result.stdout)}
+    assert set(printed) == {p.name for p in good} | {"broken.png"}
+    assert "image" in printed["broken.png"]["error"] and "label" not in printed["broken.png"]
+    for path in good:
+        assert printed[path.name]["probability_parasitized"] == pytest.approx(expected(path), abs=1e-4)
+    server.successes += len(good)
+
+
 def test_prediction_log_has_one_line_per_successful_prediction(server):
     assert server.stop() is not None  # SIGTERM: the log is flushed on shutdown
     assert "path=/predict" not in server.output.read_text()  # the access log is off by default
