@@ -134,33 +134,36 @@ def register(
         keras_model, spec = check_keras_model(
             model, [c.strip() for c in class_names], sigmoid_class or sidecar.get("sigmoid_class")
         )
-        metrics = _validation_metrics(settings, keras_model, spec)
         return log_model_version(
             keras_model,
             spec,
             settings,
             params={"source": str(model)},
-            metrics=metrics,
             tags={"origin": "external"},
             force=force,
+            **_validation_gate(settings, keras_model, spec),
         )
 
     record = _guarded(run)
     typer.echo(f"registered {record.name} version {record.version}" + (" (champion)" if record.is_champion else ""))
 
 
-def _validation_metrics(settings: Settings, model, spec) -> dict[str, float]:
-    """Validation metrics of a model on the current split, so the champion gate can compare it."""
+def _validation_gate(settings: Settings, model, spec) -> dict:
+    """Validation metrics of a model on the current split, and what the champion gate compares them with."""
     if not settings.splits_path.is_file():
-        return {}
+        return {"metrics": {}}
     from malaria import evaluation
-    from malaria.data import ensure_dataset, read_manifest
-    from malaria.train import load_split, predict_probability
+    from malaria.data import ensure_dataset, images_fingerprint, read_manifest
+    from malaria.train import load_split, predict_probability, validation_scorer
 
-    manifest = read_manifest(settings.splits_path)
-    val = load_split(manifest, ensure_dataset(settings), "val", spec, None, settings.seed)
+    root = ensure_dataset(settings)
+    val = load_split(read_manifest(settings.splits_path), root, "val", spec, None, settings.seed)
     probability = predict_probability(model, val.images, spec)
-    return {f"val_{k}": v for k, v in evaluation.classification_metrics(val.labels, probability).items()}
+    return {
+        "metrics": {f"val_{k}": v for k, v in evaluation.classification_metrics(val.labels, probability).items()},
+        "validation_set": images_fingerprint(val.frame),
+        "rescore_champion": validation_scorer(settings, root, val),
+    }
 
 
 @app.command("import-model")

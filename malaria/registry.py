@@ -230,12 +230,20 @@ def check_keras_model(path: Path, class_names: list[str], sigmoid_class: str | N
     units = model.output_shape[-1]
     if units not in (1, 2):
         raise RegistryError(f"model output must have 1 (sigmoid) or 2 (softmax) units, got {units}")
-    spec = ModelSpec(
-        image_size=int(shape[1]),
-        class_names=class_names,
-        output="sigmoid" if units == 1 else "softmax",
-        sigmoid_class=(sigmoid_class or class_names[0]) if units == 1 else None,
-    )
+    from pydantic import ValidationError
+
+    try:
+        spec = ModelSpec(
+            image_size=int(shape[1]),
+            class_names=class_names,
+            output="sigmoid" if units == 1 else "softmax",
+            sigmoid_class=(sigmoid_class or class_names[0]) if units == 1 else None,
+        )
+    except ValidationError as exc:
+        problems = "; ".join(error["msg"] for error in exc.errors())
+        raise RegistryError(
+            f"labels {class_names} (sigmoid class {sigmoid_class}) do not fit the contract: {problems}"
+        ) from None
     probe = model(np.zeros((2, *shape[1:]), dtype=np.float32), training=False)
     if not np.all(np.isfinite(np.asarray(probe))):
         raise RegistryError("model output on a blank image is not finite")

@@ -117,3 +117,10 @@ def test_predict_without_a_service_is_one_clear_line(cli_env, synthetic_dir):
 def test_predict_refuses_an_empty_chunk(cli_env, synthetic_dir):
     result = invoke("predict", str(synthetic_dir), "--chunk", "0")
     assert result.exit_code == 2 and "--chunk" in result.output
+
+
+def test_labels_without_the_positive_class_are_a_clear_error(cli_env):
+    model_path = _keras_directory_loader_style_model(cli_env / "lowercase.keras")
+    result = invoke("register", "--model", str(model_path), "--labels", "parasitized,uninfected")
+    assert result.exit_code == 1
+    assert "do not fit the contract" in result.output and "Parasitized" in result.output
