@@ -47,6 +47,10 @@ probability_histogram = bentoml.metrics.Histogram(
     documentation="Predicted P(Parasitized)",
     buckets=tuple(np.round(np.linspace(0.1, 1.0, 10), 2)),
 )
+prediction_log_dropped_total = bentoml.metrics.Counter(
+    name="malaria_prediction_log_dropped_total",
+    documentation="Prediction log lines that could not be written (see the service log)",
+)
 batch_size_histogram = bentoml.metrics.Histogram(
     name="malaria_batch_size",
     documentation="Images per model call (adaptive batching)",
@@ -90,7 +94,7 @@ class MalariaClassifier:
             max_latency_ms=settings.max_latency_ms,
             observe_batch=batch_size_histogram.observe,
         )
-        self.prediction_log = PredictionLog(settings.prediction_log_dir)
+        self.prediction_log = PredictionLog(settings.prediction_log_dir, prediction_log_dropped_total.inc)
 
     @bentoml.on_shutdown
     def flush_prediction_log(self) -> None:

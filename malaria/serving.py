@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import hmac
 import io
 import json
@@ -13,6 +14,7 @@ import threading
 import time
 import uuid
 from collections import OrderedDict
+from collections.abc import Callable
 from datetime import UTC, datetime
 from http import HTTPStatus
 from pathlib import Path, PurePosixPath
@@ -200,9 +202,11 @@ def new_request_id(headers) -> str:
 class PredictionLog:
     """JSON lines, one per prediction, written by a background thread; one file per day and process."""
 
-    def __init__(self, folder: Path):
+    def __init__(self, folder: Path, on_dropped: Callable[[int], None] | None = None):
         self.folder = folder
         self.folder.mkdir(parents=True, exist_ok=True)
+        self.dropped = 0  # lines that could not be written (disk full, folder gone, ...)
+        self._on_dropped = on_dropped
         self._queue: queue.SimpleQueue[list[dict] | None] = queue.SimpleQueue()
         self._thread = threading.Thread(target=self._run, name="prediction-log", daemon=True)
         self._thread.start()
@@ -247,15 +251,29 @@ class PredictionLog:
                     self._queue.put(None)
                     break
                 batch.append(more)
-            if self._path() != path:
+            try:
+                if self._path() != path:
+                    if handle:
+                        handle.close()
+                    handle, path = None, self._path()
+                    path.parent.mkdir(parents=True, exist_ok=True)
+                    handle = path.open("a", encoding="utf-8")
+                handle.write("".join(json.dumps(line) + "\n" for group in batch for line in group))
+                handle.flush()
+            except Exception as exc:  # noqa: BLE001 - the writer must outlive any failed write
+                self._drop(sum(len(group) for group in batch), path, exc)
                 if handle:
-                    handle.close()
-                path = self._path()
-                handle = path.open("a", encoding="utf-8")
-            handle.write("".join(json.dumps(line) + "\n" for group in batch for line in group))
-            handle.flush()
+                    with contextlib.suppress(Exception):
+                        handle.close()
+                handle, path = None, None  # reopen on the next write
         if handle:
             handle.close()
+
+    def _drop(self, count: int, path: Path | None, error: Exception) -> None:
+        self.dropped += count
+        logger.error("prediction log %s: %s: %d lines dropped (%d in all)", path, error, count, self.dropped)
+        if self._on_dropped is not None:
+            self._on_dropped(count)
 
     def close(self, timeout: float = 10.0) -> None:
         """Flush everything queued and stop the writer."""

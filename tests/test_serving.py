@@ -1,9 +1,11 @@
-"""Serving helpers: in-memory uploads, and BatchedModel (BentoML's batching dispatcher) with a fake model."""
+"""Serving helpers: in-memory uploads, BatchedModel with a fake model, the prediction log."""
 
 from __future__ import annotations
 
 import asyncio
 import io
+import json
+import time
 
 import numpy as np
 import pytest
@@ -12,7 +14,7 @@ from bentoml.exceptions import ServiceUnavailable
 from pydantic import TypeAdapter, ValidationError
 from starlette.datastructures import UploadFile
 
-from malaria.serving import BatchedModel, ImageUpload
+from malaria.serving import BatchedModel, ImageUpload, Prediction, PredictionLog, PreparedImages
 
 
 class FakeModel:
@@ -117,3 +119,34 @@ def test_bentoml_treats_an_upload_field_as_a_multipart_file():
     # BentoML's clients send a field as a file when the schema says ``type: file``.
     assert schema["image"]["type"] == "file"
     assert schema["extra"]["items"]["type"] == "file"
+
+
+def test_prediction_log_survives_a_failed_write_and_counts_what_it_dropped(tmp_path):
+    folder = tmp_path / "log"
+    reported: list[int] = []
+    log = PredictionLog(folder, on_dropped=reported.append)
+    prepared = PreparedImages(np.full((1, 8, 8, 3), 0.5, np.float32), [(8, 8)], ["cell.png"])
+
+    def prediction(request_id: str) -> Prediction:
+        return Prediction(
+            label="Parasitized",
+            probability_parasitized=0.9,
+            confidence=0.9,
+            decision="parasitized",
+            model_version="1",
+            request_id=request_id,
+        )
+
+    folder.rmdir()
+    folder.write_text("a file where the log folder was: every write fails")
+    log.record([prediction("lost")], prepared, 1.0)
+    deadline = time.monotonic() + 10
+    while log.dropped == 0 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert log.dropped == 1 and reported == [1]
+    folder.unlink()
+    log.record([prediction("kept")], prepared, 1.0)
+    log.close()
+    lines = [json.loads(line) for path in folder.glob("*.jsonl") for line in path.read_text().splitlines()]
+    assert [line["request_id"] for line in lines] == ["kept"]
+    assert lines[0]["width"] == 8 and log.dropped == 1
