@@ -82,7 +82,7 @@ class MalariaClassifier:
         for gpu in tf.config.list_physical_devices("GPU"):
             tf.config.experimental.set_memory_growth(gpu, True)
         self.metadata = self.bento_model.info.metadata
-        self.spec = ModelSpec.from_metadata(self.metadata)
+        self.spec = ModelSpec.from_metadata(self.metadata).with_refer_band(settings.refer_band)
         self.version = str(self.metadata.get("mlflow_version") or self.bento_model.tag.version)
         predict_fn = compiled_predict(load_stored_keras(self.bento_model))
         for size in (1, settings.max_batch_size):  # trace and warm up before /readyz turns green
@@ -107,9 +107,7 @@ class MalariaClassifier:
         prepared = prepare_uploads(images, self.spec, settings)
         outputs = await self.model(prepared.batch)
         probability = self.spec.probability_positive(outputs)
-        predictions = make_predictions(
-            probability, self.spec, self.version, request_id, prepared.names, settings.refer_band
-        )
+        predictions = make_predictions(probability, self.spec, self.version, request_id, prepared.names)
         for prediction in predictions:
             predictions_total.labels(label=prediction.label, decision=prediction.decision).inc()
             probability_histogram.observe(prediction.probability_parasitized)
@@ -145,7 +143,7 @@ class MalariaClassifier:
             class_names=self.spec.class_names,
             positive_class=self.spec.positive_class,
             threshold=self.spec.threshold,
-            refer_band=settings.refer_band or self.spec.refer_band,
+            refer_band=self.spec.refer_band,
             temperature=self.spec.temperature,
         )
 

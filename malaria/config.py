@@ -6,8 +6,10 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Literal
 
-from pydantic import AliasChoices, Field
+from pydantic import AliasChoices, Field, field_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict, YamlConfigSettingsSource
+
+from malaria.spec import check_refer_band
 
 Profile = Literal["quick", "full"]
 
@@ -97,6 +99,12 @@ class Settings(BaseSettings):
     refer_band: tuple[float, float] | None = Field(
         default=None, description="Override the model's uncertainty band (low, high) for 'refer'."
     )
+
+    @field_validator("refer_band")
+    @classmethod
+    def _valid_refer_band(cls, band: tuple[float, float] | None) -> tuple[float, float] | None:
+        return band if band is None else check_refer_band(band)
+
     access_log: bool = Field(
         default=False,
         description="BentoML's per-request access log line. Off by default: at 400 requests/s it cost about 5 % "

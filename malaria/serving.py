@@ -29,7 +29,7 @@ from starlette.datastructures import UploadFile
 from malaria.config import Settings
 from malaria.monitoring import image_features_batch
 from malaria.preprocess import ImageTooLargeError, InvalidImageError, decode_image, to_model_input
-from malaria.spec import ModelSpec
+from malaria.spec import DECISIONS, Decision, ModelSpec
 
 logger = logging.getLogger(__name__)
 
@@ -46,7 +46,7 @@ class Prediction(BaseModel):
     label: str = Field(description="Parasitized or Uninfected, by the model's threshold.")
     probability_parasitized: float = Field(description="Calibrated P(Parasitized).")
     confidence: float = Field(description="Probability of the returned label.")
-    decision: str = Field(description="parasitized, uninfected, or refer (uncertain: a person should look).")
+    decision: Decision = Field(description="parasitized, uninfected, or refer (uncertain: a person should look).")
     model_version: str
     request_id: str
     filename: str | None = None
@@ -167,7 +167,6 @@ def make_predictions(
     model_version: str,
     request_id: str,
     names: list[str | None],
-    band: tuple[float, float] | None,
 ) -> list[Prediction]:
     labels = spec.labels(probability)
     return [
@@ -175,7 +174,7 @@ def make_predictions(
             label=label,
             probability_parasitized=round(float(p), 6),
             confidence=round(float(p if label == spec.positive_class else 1 - p), 6),
-            decision=spec.decision(float(p), band),
+            decision=spec.decision(float(p)),
             model_version=model_version,
             request_id=request_id,
             filename=name,
@@ -186,7 +185,7 @@ def make_predictions(
 
 def summarize(predictions: list[Prediction], spec: ModelSpec) -> BatchSummary:
     counts = {name: 0 for name in spec.class_names}
-    decisions = {"parasitized": 0, "uninfected": 0, "refer": 0}
+    decisions = dict.fromkeys(DECISIONS, 0)
     for prediction in predictions:
         counts[prediction.label] += 1
         decisions[prediction.decision] += 1

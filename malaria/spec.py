@@ -7,7 +7,7 @@ back by every consumer, so no consumer assumes an input size, a label order or a
 from __future__ import annotations
 
 import json
-from typing import Literal
+from typing import Literal, get_args
 
 import numpy as np
 from pydantic import BaseModel, Field, model_validator
@@ -17,6 +17,15 @@ UNINFECTED = "Uninfected"
 CLASS_NAMES: tuple[str, str] = (PARASITIZED, UNINFECTED)
 
 Decision = Literal["parasitized", "uninfected", "refer"]
+DECISIONS: tuple[Decision, ...] = get_args(Decision)
+
+
+def check_refer_band(band: tuple[float, float]) -> tuple[float, float]:
+    """A refer band must satisfy 0 <= low <= high <= 1 (low == high: nothing is referred)."""
+    low, high = band
+    if not 0 <= low <= high <= 1:
+        raise ValueError(f"refer_band must satisfy 0 <= low <= high <= 1, got {tuple(band)}")
+    return band
 
 
 class ModelSpec(BaseModel):
@@ -44,9 +53,7 @@ class ModelSpec(BaseModel):
             raise ValueError("exactly two classes are supported")
         if self.output == "sigmoid" and self.sigmoid_class not in self.class_names:
             raise ValueError("a sigmoid model needs sigmoid_class, one of class_names")
-        low, high = self.refer_band
-        if not 0 <= low <= high <= 1:
-            raise ValueError(f"refer_band must satisfy 0 <= low <= high <= 1, got {self.refer_band}")
+        check_refer_band(self.refer_band)
         return self
 
     @property
@@ -71,12 +78,18 @@ class ModelSpec(BaseModel):
         """Class name for each P(positive), by the threshold."""
         return [self.positive_class if p >= self.threshold else self.negative_class for p in probability]
 
-    def decision(self, probability: float, band: tuple[float, float] | None = None) -> Decision:
+    def decision(self, probability: float) -> Decision:
         """'refer' inside the uncertainty band, else the thresholded class in lower case."""
-        low, high = band or self.refer_band
-        if low <= probability < high and low < high:
+        low, high = self.refer_band
+        if low <= probability < high:
             return "refer"
         return "parasitized" if probability >= self.threshold else "uninfected"
+
+    def with_refer_band(self, band: tuple[float, float] | None) -> ModelSpec:
+        """This spec with another refer band (``None``: unchanged), validated."""
+        if band is None:
+            return self
+        return type(self).model_validate({**self.model_dump(), "refer_band": band})
 
     def to_json(self) -> str:
         return self.model_dump_json()

@@ -314,7 +314,12 @@ def test_prediction_log_has_one_line_per_successful_prediction(server):
 
 @pytest.fixture(scope="module")
 def secured(champion, tmp_path_factory):
-    env = {"MALARIA_API_TOKEN": "s3cret", "MALARIA_ACCESS_LOG": "true", "MALARIA_TRACING": "true"}
+    env = {
+        "MALARIA_API_TOKEN": "s3cret",
+        "MALARIA_ACCESS_LOG": "true",
+        "MALARIA_TRACING": "true",
+        "MALARIA_REFER_BAND": "[0.0, 1.0]",  # every image with P(Parasitized) < 1 is referred
+    }
     srv = Server(env, tmp_path_factory.mktemp("secured") / "predictions")
     yield srv
     srv.stop()
@@ -332,5 +337,7 @@ def test_bearer_token_is_required_when_configured(secured, cells):
     from malaria.client import MalariaClient
 
     with MalariaClient(secured.url, token="s3cret") as client:
-        assert client.predict(cells["Parasitized"][0])["request_id"]
+        answer = client.predict(cells["Uninfected"][0])  # P below 1: inside [0, 1)
+        assert answer["request_id"] and answer["decision"] == "refer"  # MALARIA_REFER_BAND overrides the model's
+        assert client.model_info()["refer_band"] == [0.0, 1.0]
     assert "path=/predict" in secured.output.read_text()  # MALARIA_ACCESS_LOG=true: one line per request

@@ -40,7 +40,22 @@ def test_labels_and_decisions_follow_threshold_and_band():
         "parasitized",
         "parasitized",
     ]
-    assert spec.decision(0.4, band=(0.0, 0.0)) == "uninfected"
+    assert spec.with_refer_band((0.0, 0.0)).decision(0.4) == "uninfected"
+    assert spec.with_refer_band(None) is spec
+
+
+def test_a_refer_band_upside_down_is_refused_in_settings_and_spec(monkeypatch):
+    from pydantic import ValidationError
+
+    from malaria.config import Settings
+
+    monkeypatch.setenv("MALARIA_REFER_BAND", "[0.7, 0.3]")
+    with pytest.raises(ValidationError, match="0 <= low <= high <= 1"):
+        Settings()
+    monkeypatch.setenv("MALARIA_REFER_BAND", "[0.3, 0.7]")
+    assert Settings().refer_band == (0.3, 0.7)
+    with pytest.raises(ValidationError, match="0 <= low <= high <= 1"):
+        ModelSpec().with_refer_band((0.7, 0.3))
 
 
 def test_spec_round_trips_through_metadata():
