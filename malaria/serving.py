@@ -18,7 +18,8 @@ from collections.abc import Callable
 from datetime import UTC, datetime
 from http import HTTPStatus
 from pathlib import Path, PurePosixPath
-from typing import BinaryIO
+from types import UnionType
+from typing import BinaryIO, Union, get_args, get_origin
 
 import numpy as np
 from bentoml.exceptions import BentoMLException, InvalidArgument
@@ -300,9 +301,13 @@ def harden_multipart_parsing() -> None:
         async def parse_request(self, request, cls):
             form = await request.form()  # Starlette caches it: the base class reads the same form
             for field in cls.multipart_fields:
-                if any(not isinstance(value, UploadFile) for value in form.getlist(field)):
+                values = form.getlist(field)
+                if any(not isinstance(value, UploadFile) for value in values):
                     # BentoML would fetch a URL given as text on the server, or fail with a 500.
                     raise InvalidArgument(f"field {field!r} takes files, not text")
+                if len(values) > 1 and not _takes_a_list(cls.model_fields[field].annotation):
+                    # BentoML would answer for the first file only.
+                    raise InvalidArgument(f"field {field!r} takes one file, got {len(values)}")
             try:
                 return await super().parse_request(request, cls)
             except UnicodeDecodeError as exc:
@@ -311,6 +316,13 @@ def harden_multipart_parsing() -> None:
 
     for media_type in ("multipart/form-data", "application/x-www-form-urlencoded"):
         serde.ALL_SERDE[media_type] = HardenedMultipartSerde
+
+
+def _takes_a_list(annotation) -> bool:
+    """Whether a multipart field's annotation (``list[ImageUpload]``, maybe ``| None``) takes several files."""
+    if get_origin(annotation) in (Union, UnionType):
+        annotation = get_args(annotation)[0]
+    return get_origin(annotation) is list
 
 
 OPEN_PATHS = frozenset({"/healthz", "/livez", "/readyz", "/metrics"})

@@ -217,6 +217,12 @@ def bad_requests(cells) -> dict[str, tuple[str, dict, int, str]]:
         "json instead of file": ("predict", {"json": {"image": "x"}}, 400, "file upload"),
         "url in a file field": ("predict", {"data": {"image": "http://127.0.0.1:9/cell.png"}}, 400, "takes files"),
         "text in a file field": ("predict", {"files": {"image": (None, b"x")}}, 400, "takes files"),
+        "two files for one": (
+            "predict",
+            {"files": [("image", ("a.png", good, "image/png")), ("image", ("b.png", good, "image/png"))]},
+            400,
+            "takes one file, got 2",
+        ),
     }
 
 
@@ -234,6 +240,7 @@ def bad_requests(cells) -> dict[str, tuple[str, dict, int, str]]:
         "json instead of file",
         "url in a file field",
         "text in a file field",
+        "two files for one",
     ],
 )
 def test_bad_input_gets_a_clear_4xx_and_the_server_stays_healthy(server, cells, case):
