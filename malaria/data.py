@@ -240,7 +240,7 @@ def _sha256(path: Path) -> str:
 
 
 def download_nih(settings: Settings, target: Path) -> Path:
-    """Download and unpack the public NIH archive into ``target`` (checksum-verified)."""
+    """Download and unpack the public NIH archive into ``target``; SHA-256 pinned, or recorded on first download."""
     import requests
 
     target.parent.mkdir(parents=True, exist_ok=True)
