@@ -13,7 +13,7 @@ from malaria.evaluate import METRIC_ROWS, EvaluationResult, ThresholdObjective, 
 
 @task
 def evaluate_task(
-    version: str | None, out_dir: Path, objective: ThresholdObjective, target_accuracy: float
+    version: str | None, out_dir: Path, objective: ThresholdObjective, target_accuracy: float | None
 ) -> EvaluationResult:
     return evaluate_model(get_settings(), version, out_dir, objective=objective, target_accuracy=target_accuracy)
 
@@ -23,7 +23,7 @@ def evaluate_flow(
     version: str | None = None,
     out_dir: Path = Path("reports/evaluation"),
     objective: ThresholdObjective = "calibrated",
-    target_accuracy: float = 0.985,
+    target_accuracy: float | None = None,
 ) -> EvaluationResult:
     """Metrics, plots, threshold and refer band of a registered model; logged to MLflow and Prefect."""
     result = evaluate_task(version, out_dir, objective, target_accuracy)

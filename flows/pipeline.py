@@ -16,16 +16,18 @@ from prefect.cache_policies import INPUTS
 
 from malaria.config import get_settings
 
-PACKAGE = Path(__file__).resolve().parents[1] / "malaria"
+REPO = Path(__file__).resolve().parents[1]
+PACKAGE = REPO / "malaria"
+SERVICE_FILES = (PACKAGE, REPO / "service.py", REPO / "bentofile.yaml", REPO / "requirements")
 
 
 def fingerprint(*paths: Path) -> str:
-    """A content hash of files (folders: every file name, size and modification time)."""
+    """A content hash of files (folders: every file name, size and modification time; bytecode caches skipped)."""
     digest = hashlib.sha256()
     for path in paths:
         if path.is_dir():
             for item in sorted(path.rglob("*")):
-                if item.is_file():
+                if item.is_file() and "__pycache__" not in item.parts:
                     stat = item.stat()
                     digest.update(f"{item.relative_to(path)}:{stat.st_size}:{stat.st_mtime_ns}".encode())
         elif path.is_file():
@@ -99,6 +101,9 @@ def training_pipeline(force: bool = False, build: bool = True) -> dict:
             "weight_decay",
             "batch_size",
             "deterministic",
+            "max_train_images",
+            "mlflow_tracking_uri",
+            "registered_model_name",
         },
     )
     code_hash = fingerprint(PACKAGE)
@@ -110,7 +115,7 @@ def training_pipeline(force: bool = False, build: bool = True) -> dict:
     if champion is not None:
         summary["bento_model"] = import_task(champion)
         if build:
-            summary["bento"] = build_task(summary["bento_model"], code_hash)
+            summary["bento"] = build_task(summary["bento_model"], fingerprint(*SERVICE_FILES))
     get_run_logger().info("pipeline finished: %s", summary)
     return summary
 

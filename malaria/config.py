@@ -96,6 +96,12 @@ class Settings(BaseSettings):
     max_image_bytes: int = 10 * 1024 * 1024
     max_image_pixels: int = 25_000_000
     max_images_per_request: int = 64
+    refer_target_accuracy: float = Field(
+        default=0.985,
+        gt=0.5,
+        le=1.0,
+        description="`malaria evaluate` picks the narrowest refer band outside which validation accuracy reaches this.",
+    )
     refer_band: tuple[float, float] | None = Field(
         default=None, description="Override the model's uncertainty band (low, high) for 'refer'."
     )

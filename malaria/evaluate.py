@@ -65,7 +65,7 @@ def choose_refer_band(
     y_true: np.ndarray,
     probability: np.ndarray,
     threshold: float,
-    target_accuracy: float = 0.99,
+    target_accuracy: float,
     max_referred: float = 0.15,
 ) -> tuple[float, float]:
     """The narrowest band around the threshold outside which validation accuracy reaches the target.
@@ -94,7 +94,7 @@ def evaluate_model(
     version: str | None = None,
     out_dir: Path = Path("reports/evaluation"),
     objective: ThresholdObjective = "calibrated",
-    target_accuracy: float = 0.985,
+    target_accuracy: float | None = None,
     save_spec: bool = True,
 ) -> EvaluationResult:
     """Metrics and plots of a registered version on the test split; threshold and band from validation."""
@@ -108,7 +108,7 @@ def evaluate_model(
 
     val_p = predict_probability(model, val.images, record.spec)
     threshold = choose_threshold(val.labels, val_p, objective)
-    band = choose_refer_band(val.labels, val_p, threshold, target_accuracy)
+    band = choose_refer_band(val.labels, val_p, threshold, target_accuracy or settings.refer_target_accuracy)
     spec = record.spec.model_copy(update={"threshold": threshold, "refer_band": band})
 
     test_p = predict_probability(model, test.images, spec)

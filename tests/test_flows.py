@@ -12,6 +12,7 @@ import pytest
 from PIL import Image
 from sklearn import metrics as skm
 
+from malaria.config import get_settings
 from malaria.data import generate_synthetic, load_arrays
 from malaria.monitoring import image_features_batch
 from malaria.registry import get_version, load_keras_model
@@ -147,7 +148,7 @@ def test_batch_predict_flow_against_a_real_service(champion, fresh_cells, tmp_pa
     assert sum(summary["counts"].values()) == 30
 
 
-def test_pipeline_caches_unchanged_steps(synthetic_dir, settings_env, tmp_path):
+def test_pipeline_caches_unchanged_steps(synthetic_dir, settings_env, tmp_path, monkeypatch):
     from flows.pipeline import training_pipeline
 
     settings = settings_env(
@@ -164,3 +165,24 @@ def test_pipeline_caches_unchanged_steps(synthetic_dir, settings_env, tmp_path):
     assert first["trained"]["version"] == second["trained"]["version"] == "1"
     assert get_version(settings).version == "1"  # the second run trained nothing new
     assert second["bento_model"] == first["bento_model"]
+    monkeypatch.setenv("MALARIA_MAX_TRAIN_IMAGES", "40")  # a smoke-run cap is a different training
+    get_settings.cache_clear()
+    capped = training_pipeline(build=False)
+    assert capped["trained"]["version"] == "2"
+
+
+def test_batch_predict_retries_server_errors_and_lost_connections_but_not_rejections():
+    import httpx
+    from bentoml.exceptions import InternalServerError, InvalidArgument, ServiceUnavailable
+    from prefect.states import Completed, Failed
+
+    from flows.batch_predict import _is_transient
+
+    def failed(exc: Exception):
+        return Failed(data=exc, message=str(exc))
+
+    assert _is_transient(None, None, failed(ServiceUnavailable("overloaded")))
+    assert _is_transient(None, None, failed(InternalServerError("model failed")))
+    assert _is_transient(None, None, failed(httpx.ConnectError("refused")))
+    assert not _is_transient(None, None, failed(InvalidArgument("not an image")))
+    assert not _is_transient(None, None, Completed(data=[]))
