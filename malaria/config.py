@@ -42,6 +42,9 @@ class Settings(BaseSettings):
         default=None, description="Expected SHA-256 of the NIH archive; unset = trust on first download."
     )
     synthetic_per_class: int = 400
+    allow_synthetic: bool = Field(
+        default=True, description="Fall back to a generated data set when no real one is found (false for releases)."
+    )
     min_image_side: int = 16
     max_image_side: int = 2048
 

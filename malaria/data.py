@@ -289,6 +289,11 @@ def ensure_dataset(settings: Settings, allow_download: bool = True) -> Path:
             raise
         except Exception as exc:  # noqa: BLE001 - any network failure falls back to synthetic data
             logger.warning("could not download the NIH archive (%s)", exc)
+    if not settings.allow_synthetic:
+        raise DataError(
+            "no real data: set MALARIA_DATA_DIR, `dvc pull` data/cell_images or allow the NIH download "
+            "(MALARIA_ALLOW_SYNTHETIC=false forbids the synthetic fallback)"
+        )
     synthetic = settings.workspace_data_dir / "synthetic_cell_images"
     logger.warning(
         "\n%s\nNO REAL DATA: generating a SYNTHETIC data set in %s.\n"

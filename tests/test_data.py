@@ -100,6 +100,13 @@ def test_without_any_data_a_synthetic_set_is_generated_loudly(settings_factory, 
     assert len(list((root / PARASITIZED).glob("*.png"))) == 12
 
 
+def test_a_release_without_real_data_stops_instead_of_generating_some(settings_factory):
+    settings = settings_factory(synthetic_per_class=12, allow_synthetic=False)
+    with pytest.raises(DataError, match="no real data"):
+        ensure_dataset(settings, allow_download=False)
+    assert not (settings.workspace_data_dir / "synthetic_cell_images").exists()
+
+
 def test_missing_data_dir_setting_is_a_clear_error(settings_factory, tmp_path):
     with pytest.raises(DataError, match="MALARIA_DATA_DIR"):
         ensure_dataset(settings_factory(data_dir=tmp_path / "absent"))

@@ -501,8 +501,11 @@ def test_ci_image_job_builds_scans_and_pushes_only_on_tags(ci):
     steps = image["steps"]
     runs = "\n".join(step.get("run", "") for step in steps)
     assert "make model" in runs and "make image" in runs and "make image-smoke" in runs
-    model_step = next(step for step in steps if "make model" in step.get("run", ""))
-    assert model_step["env"]["MALARIA_EPOCHS"] == "2"
+    check, release = (step for step in steps if "make model" in step.get("run", ""))
+    assert check["if"] == "!startsWith(github.ref, 'refs/tags/v')" and check["env"]["MALARIA_EPOCHS"] == "2"
+    # A published image carries the default recipe trained on real cells, never a 2-epoch or synthetic model.
+    assert release["if"] == "startsWith(github.ref, 'refs/tags/v')" and "MALARIA_EPOCHS" not in release["env"]
+    assert release["env"]["MALARIA_ALLOW_SYNTHETIC"] == "false"
     [trivy] = [step for step in steps if step.get("uses", "").startswith("aquasecurity/trivy-action@")]
     assert re.fullmatch(r"aquasecurity/trivy-action@[0-9a-f]{40}", trivy["uses"]), "pin the action by commit"
     assert trivy["with"]["severity"] == "CRITICAL" and str(trivy["with"]["exit-code"]) == "1"
