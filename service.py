@@ -148,9 +148,11 @@ class MalariaClassifier:
         )
 
 
+FORM_OVERHEAD_BYTES = 1_000_000  # multipart headers and boundaries, generously
 MalariaClassifier.add_asgi_middleware(
     RequestGuardMiddleware,
     token=settings.api_token,
-    max_body_bytes=settings.max_image_bytes * settings.max_images_per_request + 1_000_000,
+    max_body_bytes=settings.max_image_bytes * settings.max_images_per_request + FORM_OVERHEAD_BYTES,
+    body_limits={"/predict": settings.max_image_bytes + FORM_OVERHEAD_BYTES},
 )
 MalariaClassifier.add_asgi_middleware(ConnectionRecycleMiddleware, max_requests=settings.max_requests_per_connection)

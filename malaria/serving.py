@@ -331,14 +331,17 @@ OPEN_PATHS = frozenset({"/healthz", "/livez", "/readyz", "/metrics"})
 class RequestGuardMiddleware:
     """ASGI middleware run before any body is read.
 
-    Rejects a declared body larger than ``max_body_bytes`` (413) and, when a token is configured,
-    any API call without ``Authorization: Bearer <token>`` (401). Health and metrics stay open.
+    Rejects a body without a declared length (411: Starlette would spool a chunked upload of any
+    size to disk before any limit applies), a declared body larger than the path's limit in
+    ``body_limits`` or else ``max_body_bytes`` (413) and, when a token is configured, any API call
+    without ``Authorization: Bearer <token>`` (401). Health and metrics stay open.
     """
 
-    def __init__(self, app, token: str | None, max_body_bytes: int):
+    def __init__(self, app, token: str | None, max_body_bytes: int, body_limits: dict[str, int] | None = None):
         self.app = app
         self.expected = f"Bearer {token}".encode() if token else None
         self.max_body_bytes = max_body_bytes
+        self.body_limits = body_limits or {}
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http" or scope["path"] in OPEN_PATHS:
@@ -346,13 +349,12 @@ class RequestGuardMiddleware:
         headers = dict(scope.get("headers") or [])
         if self.expected is not None and not hmac.compare_digest(headers.get(b"authorization", b""), self.expected):
             return await _json_error(send, 401, "missing or invalid bearer token", [(b"www-authenticate", b"Bearer")])
+        if b"transfer-encoding" in headers and b"content-length" not in headers:
+            return await _json_error(send, 411, "send the request body with a Content-Length (no chunked uploads)")
         declared = headers.get(b"content-length", b"0")
-        if declared.isdigit() and int(declared) > self.max_body_bytes:
-            return await _json_error(
-                send,
-                413,
-                f"request body of {int(declared)} bytes is over the {self.max_body_bytes}-byte limit",
-            )
+        limit = self.body_limits.get(scope["path"], self.max_body_bytes)
+        if declared.isdigit() and int(declared) > limit:
+            return await _json_error(send, 413, f"request body of {int(declared)} bytes is over the {limit}-byte limit")
         return await self.app(scope, receive, send)
 
 

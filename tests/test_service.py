@@ -217,6 +217,18 @@ def bad_requests(cells) -> dict[str, tuple[str, dict, int, str]]:
         "json instead of file": ("predict", {"json": {"image": "x"}}, 400, "file upload"),
         "url in a file field": ("predict", {"data": {"image": "http://127.0.0.1:9/cell.png"}}, 400, "takes files"),
         "text in a file field": ("predict", {"files": {"image": (None, b"x")}}, 400, "takes files"),
+        "chunked upload": (
+            "classify",
+            {"content": iter([b"--x\r\n"]), "headers": {"content-type": "multipart/form-data; boundary=x"}},
+            411,
+            "content-length",
+        ),
+        "body over /predict's limit": (
+            "predict",
+            {"files": {"image": ("huge.png", bytes(1_400_000), "image/png")}},  # one file's limit + 1 MB of form
+            413,
+            "request body",
+        ),
         "two files for one": (
             "predict",
             {"files": [("image", ("a.png", good, "image/png")), ("image", ("b.png", good, "image/png"))]},
@@ -241,6 +253,8 @@ def bad_requests(cells) -> dict[str, tuple[str, dict, int, str]]:
         "url in a file field",
         "text in a file field",
         "two files for one",
+        "chunked upload",
+        "body over /predict's limit",
     ],
 )
 def test_bad_input_gets_a_clear_4xx_and_the_server_stays_healthy(server, cells, case):
