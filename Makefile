@@ -9,7 +9,7 @@ BENTO_MODEL ?= malaria-classifier
 export PREFECT_SERVER_ANALYTICS_ENABLED ?= false
 export TF_CPP_MIN_LOG_LEVEL ?= 2
 
-.PHONY: install model data report train evaluate import serve test test-fast lint format bento bento-offline base-image image image-prune image-smoke bench soak clean
+.PHONY: install model data report train evaluate import serve test test-fast lint format bento bento-offline bento-gpu base-image image image-prune image-smoke bench soak clean
 
 $(BIN)/malaria: pyproject.toml requirements/serving.txt requirements/train.txt
 	$(PYTHON) -m venv $(VENV)
@@ -68,6 +68,10 @@ bento: install ## bentoml build (requirements locked against the package index)
 bento-offline: install ## bentoml build without a package index (no lock)
 	mkdir -p build && sed 's/lock_packages: true/lock_packages: false/' bentofile.yaml > build/bentofile.offline.yaml
 	$(BIN)/bentoml build -f build/bentofile.offline.yaml .
+
+bento-gpu: install ## bentoml build for NVIDIA GPUs: tensorflow[and-cuda], MALARIA_GPU=true, 1 worker
+	$(BIN)/python deploy/image/gpu_bentofile.py build
+	$(BIN)/bentoml build -f build/bentofile.gpu.yaml .
 
 # Images: docker when a daemon answers, else buildah (vfs storage, chroot isolation: no daemon needed).
 # BASE_IMAGE empty = python:3.11-slim; `make base-image` builds an offline one from a Debian mirror.

@@ -8,6 +8,7 @@ concurrent single-image ``/predict`` calls are batched together (``malaria_batch
 
 from __future__ import annotations
 
+import logging
 import time
 
 import bentoml
@@ -32,6 +33,7 @@ from malaria.serving import (
 )
 from malaria.spec import ModelSpec
 
+logger = logging.getLogger(__name__)
 settings = get_settings()
 harden_multipart_parsing()
 MODEL = bentoml.models.BentoModel(f"{settings.bento_model_name}:latest")
@@ -79,8 +81,11 @@ class MalariaClassifier:
 
         tf.config.threading.set_intra_op_parallelism_threads(settings.tf_intra_op_threads)
         tf.config.threading.set_inter_op_parallelism_threads(settings.tf_inter_op_threads)
-        for gpu in tf.config.list_physical_devices("GPU"):
+        gpus = tf.config.list_physical_devices("GPU")
+        for gpu in gpus:
             tf.config.experimental.set_memory_growth(gpu, True)
+        if settings.gpu and not gpus:
+            logger.warning("MALARIA_GPU=true but TensorFlow sees no GPU: running on the CPU (see `make bento-gpu`)")
         self.metadata = self.bento_model.info.metadata
         self.spec = ModelSpec.from_metadata(self.metadata).with_refer_band(settings.refer_band)
         self.version = str(self.metadata.get("mlflow_version") or self.bento_model.tag.version)

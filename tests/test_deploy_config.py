@@ -11,6 +11,8 @@ import os
 import re
 import shutil
 import subprocess
+import sys
+import tomllib
 from importlib import resources
 from pathlib import Path
 from urllib.parse import urlparse
@@ -524,3 +526,34 @@ def test_ci_image_job_builds_scans_and_pushes_only_on_tags(ci):
     login = next(step for step in publishing if "uses" in step)
     assert login["with"]["registry"] == "ghcr.io"
     assert image["permissions"]["packages"] == "write"
+
+
+# --------------------------------------------------------------------------------------------
+# GPU build recipe
+# --------------------------------------------------------------------------------------------
+
+
+def test_gpu_recipe_is_the_cpu_one_with_cuda_tensorflow_and_the_gpu_settings(tmp_path):
+    done = subprocess.run(
+        [sys.executable, str(ROOT / "deploy" / "image" / "gpu_bentofile.py"), str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    cpu, gpu = load_yaml(ROOT / "bentofile.yaml"), load_yaml(tmp_path / "bentofile.gpu.yaml")
+    assert {k: v for k, v in gpu.items() if k not in ("python", "envs")} == {
+        k: v for k, v in cpu.items() if k not in ("python", "envs")
+    }
+    assert gpu["python"]["lock_packages"] == cpu["python"]["lock_packages"]
+    envs = {env["name"]: env["value"] for env in gpu["envs"]}
+    assert envs == {**{env["name"]: env["value"] for env in cpu["envs"]}, "MALARIA_GPU": "true", "MALARIA_WORKERS": "1"}
+    assert Settings(**{k.removeprefix("MALARIA_").lower(): v for k, v in envs.items() if k.startswith("MALARIA_")}).gpu
+    cpu_lines = (ROOT / cpu["python"]["requirements_txt"]).read_text().splitlines()
+    gpu_lines = (ROOT / gpu["python"]["requirements_txt"]).read_text().splitlines()
+    [(cpu_tf, gpu_tf)] = [(a, b) for a, b in zip(cpu_lines, gpu_lines, strict=True) if a != b]
+    version = cpu_tf.removeprefix("tensorflow-cpu==")
+    assert gpu_tf == f"tensorflow[and-cuda]=={version}"
+    extras = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"]
+    assert extras["gpu"] == [gpu_tf]  # the package's gpu extra pins the same wheel
