@@ -121,3 +121,36 @@ def test_dataset_report_has_counts_and_pictures(synthetic_dir, settings_factory,
     for picture in ("class_balance.png", "image_sizes.png", "montage.png"):
         with Image.open(tmp_path / "report" / picture) as image:
             assert image.size[0] > 200 and np.asarray(image).std() > 0
+
+
+def test_dvc_pipeline_parses_and_each_stage_depends_on_the_code_it_runs():
+    import re
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    import yaml
+
+    from tests.conftest import REPO_ROOT
+
+    dag = subprocess.run(
+        [str(Path(sys.executable).with_name("dvc")), "dag", "--dot"],
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert dag.returncode == 0, dag.stderr
+    stages = yaml.safe_load((REPO_ROOT / "dvc.yaml").read_text())["stages"]
+    assert all(name in dag.stdout for name in stages)
+    params = yaml.safe_load((REPO_ROOT / "params.yaml").read_text())
+    for name, stage in stages.items():
+        assert set(stage.get("params", [])) <= set(params), name
+        code = [dep for dep in stage["deps"] if dep.startswith("malaria/")]
+        assert all((REPO_ROOT / dep).is_file() for dep in code), name
+    for stage, module in (("train", "train"), ("evaluate", "evaluate")):
+        source = (REPO_ROOT / "malaria" / f"{module}.py").read_text()
+        imported = set(re.findall(r"^from malaria\.(\w+) import", source, re.M))
+        imported |= set(re.findall(r"^from malaria import (\w+)", source, re.M))
+        assert {f"malaria/{m}.py" for m in imported} <= set(stages[stage]["deps"]), stage
