@@ -154,6 +154,7 @@ def _validation_gate(settings: Settings, model, spec) -> dict:
         return {"metrics": {}}
     from malaria import evaluation
     from malaria.data import ensure_dataset, images_fingerprint, read_manifest
+    from malaria.registry import VALIDATION_SET_TAG
     from malaria.train import load_split, predict_probability, validation_scorer
 
     root = ensure_dataset(settings)
@@ -161,7 +162,7 @@ def _validation_gate(settings: Settings, model, spec) -> dict:
     probability = predict_probability(model, val.images, spec)
     return {
         "metrics": {f"val_{k}": v for k, v in evaluation.classification_metrics(val.labels, probability).items()},
-        "validation_set": images_fingerprint(val.frame),
+        "version_tags": {VALIDATION_SET_TAG: images_fingerprint(val.frame)},
         "rescore_champion": validation_scorer(settings, root, val),
     }
 

@@ -173,8 +173,9 @@ def write_manifest(frame: pd.DataFrame, path: Path) -> Path:
 
 
 def images_fingerprint(frame: pd.DataFrame) -> str:
-    """A short hash of which image files (paths relative to the data folder) a set of manifest rows holds."""
-    return hashlib.sha256("\n".join(sorted(frame["path"])).encode()).hexdigest()[:16]
+    """A short hash of which image files (paths relative to the data folder) manifest rows hold, in which split."""
+    rows = sorted(f"{split}:{path}" for split, path in zip(frame["split"], frame["path"], strict=True))
+    return hashlib.sha256("\n".join(rows).encode()).hexdigest()[:16]
 
 
 def read_manifest(path: Path) -> pd.DataFrame:

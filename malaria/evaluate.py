@@ -9,12 +9,13 @@ from pathlib import Path
 from typing import Literal
 
 import numpy as np
+import pandas as pd
 from sklearn.metrics import roc_curve
 
 from malaria import evaluation
 from malaria.config import Settings
-from malaria.data import ensure_dataset, read_manifest
-from malaria.registry import RegisteredVersion, client, load_keras_model, update_spec
+from malaria.data import ensure_dataset, images_fingerprint, read_manifest
+from malaria.registry import SPLIT_TAG, RegisteredVersion, client, load_keras_model, update_spec
 from malaria.spec import ModelSpec
 from malaria.train import load_split, predict_probability
 
@@ -89,6 +90,17 @@ def choose_refer_band(
     return (max(0.0, threshold - width), min(1.0, threshold + width))
 
 
+def other_split_warning(record: RegisteredVersion, manifest: pd.DataFrame) -> str | None:
+    """Why ``manifest`` cannot give ``record`` honest test metrics (it was trained on another split), or None."""
+    trained_split = record.tags.get(SPLIT_TAG)
+    if trained_split is None or trained_split == images_fingerprint(manifest):
+        return None
+    return (
+        f"version {record.version} was trained on another split: its test cells may come from patients it was "
+        "trained on, so these metrics may be optimistic (prepare the split it was trained with)"
+    )
+
+
 def evaluate_model(
     settings: Settings,
     version: str | None = None,
@@ -102,6 +114,8 @@ def evaluate_model(
 
     model, record = load_keras_model(settings, version)
     manifest = read_manifest(settings.splits_path)
+    if warning := other_split_warning(record, manifest):
+        logger.warning(warning)
     root = ensure_dataset(settings)
     val = load_split(manifest, root, "val", record.spec, None, settings.seed)
     test = load_split(manifest, root, "test", record.spec, None, settings.seed)

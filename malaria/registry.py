@@ -17,6 +17,7 @@ logger = logging.getLogger(__name__)
 
 SPEC_TAG = "malaria.spec"
 VALIDATION_SET_TAG = "malaria.validation_set"  # which images the version's validation metrics were measured on
+SPLIT_TAG = "malaria.split"  # which images were in which split when the version was trained
 
 
 class RegistryError(RuntimeError):
@@ -73,13 +74,14 @@ def log_model_version(
     artifacts_dir: Path | None = None,
     tags: dict[str, str] | None = None,
     force: bool = False,
-    validation_set: str | None = None,
+    version_tags: dict[str, str] | None = None,
     rescore_champion: Callable[[RegisteredVersion], float] | None = None,
 ) -> RegisteredVersion:
     """Log a Keras model with its spec, params, metrics and artifacts; register it; gate ``champion``.
 
-    ``validation_set`` names the images behind the ``val_`` metrics; ``rescore_champion`` measures the
-    gate metric of a champion validated on other images on this version's validation images.
+    ``version_tags[VALIDATION_SET_TAG]`` names the images behind the ``val_`` metrics;
+    ``rescore_champion`` measures the gate metric of a champion validated on other images on this
+    version's validation images.
     """
     import mlflow
 
@@ -108,15 +110,13 @@ def log_model_version(
             registered_model_name=settings.registered_model_name,
         )
     version = str(info.registered_model_version)
-    mlflow_client.set_model_version_tag(settings.registered_model_name, version, SPEC_TAG, spec.to_json())
-    version_tags = {SPEC_TAG: spec.to_json()}
-    if validation_set is not None:
-        mlflow_client.set_model_version_tag(settings.registered_model_name, version, VALIDATION_SET_TAG, validation_set)
-        version_tags[VALIDATION_SET_TAG] = validation_set
+    version_tags = {SPEC_TAG: spec.to_json(), **(version_tags or {})}
+    for key, value in version_tags.items():
+        mlflow_client.set_model_version_tag(settings.registered_model_name, version, key, value)
+    validation_set = version_tags.get(VALIDATION_SET_TAG)
     promoted = promote_if_better(settings, version, metrics, force, validation_set, rescore_champion)
-    return RegisteredVersion(
-        settings.registered_model_name, version, run.info.run_id, spec, metrics, promoted, version_tags
-    )
+    name = settings.registered_model_name
+    return RegisteredVersion(name, version, run.info.run_id, spec, metrics, promoted, version_tags)
 
 
 def champion_version(settings: Settings) -> str | None:

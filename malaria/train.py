@@ -24,7 +24,7 @@ from malaria.model import (
     recompute_batch_norm_statistics,
 )
 from malaria.monitoring import image_features_batch
-from malaria.registry import RegisteredVersion, load_keras_model, log_model_version
+from malaria.registry import SPLIT_TAG, VALIDATION_SET_TAG, RegisteredVersion, load_keras_model, log_model_version
 from malaria.spec import ModelSpec
 
 logger = logging.getLogger(__name__)
@@ -223,7 +223,7 @@ def train(settings: Settings, force: bool = False) -> RegisteredVersion:
         history=history,
         artifacts_dir=artifacts,
         force=force,
-        validation_set=images_fingerprint(val_data.frame),
+        version_tags={VALIDATION_SET_TAG: images_fingerprint(val_data.frame), SPLIT_TAG: images_fingerprint(manifest)},
         rescore_champion=validation_scorer(settings, root, val_data),
     )
     logger.info(

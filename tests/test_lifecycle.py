@@ -10,7 +10,9 @@ import pytest
 
 from malaria.bento import load_stored_keras, stored_spec
 from malaria.data import ensure_dataset, images_fingerprint, read_manifest
+from malaria.evaluate import other_split_warning
 from malaria.registry import (
+    SPLIT_TAG,
     VALIDATION_SET_TAG,
     RegistryError,
     champion_version,
@@ -104,6 +106,16 @@ def test_rescoring_a_version_on_its_own_validation_images_gives_its_recorded_sco
     assert images_fingerprint(val.frame) == record.tags[VALIDATION_SET_TAG]
     score = validation_scorer(settings, ensure_dataset(settings), val)(get_version(settings, record.version))
     assert score == pytest.approx(record.metrics[settings.gate_metric], abs=1e-6)
+
+
+def test_evaluating_on_another_split_is_flagged(champion):
+    """Test patients of a new split may be training patients of the model: evaluation says so."""
+    settings, record, _ = champion
+    manifest = read_manifest(settings.splits_path)
+    assert record.tags[SPLIT_TAG] == images_fingerprint(manifest)
+    assert other_split_warning(get_version(settings, record.version), manifest) is None
+    swapped = manifest.assign(split=manifest["split"].map({"train": "test", "test": "train", "val": "val"}))
+    assert "trained on another split" in other_split_warning(record, swapped)
 
 
 def test_imported_bento_model_carries_spec_and_lineage(champion):
