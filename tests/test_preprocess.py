@@ -46,10 +46,13 @@ def test_other_modes_become_rgb(mode):
     assert np.isfinite(x).all() and x.max() > 0.05
 
 
-def test_sixteen_bit_keeps_its_brightness():
-    gray = np.full((20, 20), 40000, dtype=np.uint16)
-    x = preprocess(encode(Image.fromarray(gray)), SPEC)
-    assert x.mean() == pytest.approx(40000 / 65535, abs=0.01)
+@pytest.mark.parametrize("level", [40000, 200])  # 200 of 65535: a dark image, not a bright 8-bit one
+def test_sixteen_bit_keeps_its_brightness(level):
+    gray = np.full((20, 20), level, dtype=np.uint16)
+    encoded = encode(Image.fromarray(gray))
+    assert Image.open(io.BytesIO(encoded)).mode.startswith("I;16")
+    x = preprocess(encoded, SPEC)
+    assert x.mean() == pytest.approx(level / 65535, abs=0.01)
 
 
 def test_transparent_background_becomes_black():

@@ -150,3 +150,14 @@ def test_prediction_log_survives_a_failed_write_and_counts_what_it_dropped(tmp_p
     lines = [json.loads(line) for path in folder.glob("*.jsonl") for line in path.read_text().splitlines()]
     assert [line["request_id"] for line in lines] == ["kept"]
     assert lines[0]["width"] == 8 and log.dropped == 1
+
+
+def test_no_upload_is_a_client_error():
+    from bentoml.exceptions import InvalidArgument
+
+    from malaria.config import Settings
+    from malaria.serving import prepare_uploads
+    from malaria.spec import ModelSpec
+
+    with pytest.raises(InvalidArgument, match="no image received"):
+        prepare_uploads([], ModelSpec(), Settings())
