@@ -42,14 +42,21 @@ class RegisteredVersion:
 
 
 def client(settings: Settings):
-    """An MLflow client on the configured store; creates the experiment with a local artifact root."""
+    """An MLflow client on the configured store; creates the experiment if needed.
+
+    With a local store (SQLite, files) its artifacts go to ``mlflow_artifact_root``; with a tracking
+    server, to the server's artifact store, so that every client of the server can read them.
+    """
     import mlflow
 
     mlflow.set_tracking_uri(settings.mlflow_tracking_uri)
     if mlflow.get_experiment_by_name(settings.experiment_name) is None:
-        root = settings.mlflow_artifact_root.resolve()
-        root.mkdir(parents=True, exist_ok=True)
-        mlflow.create_experiment(settings.experiment_name, artifact_location=root.as_uri())
+        if settings.mlflow_tracking_uri.startswith(("http://", "https://")):
+            mlflow.create_experiment(settings.experiment_name)
+        else:
+            root = settings.mlflow_artifact_root.resolve()
+            root.mkdir(parents=True, exist_ok=True)
+            mlflow.create_experiment(settings.experiment_name, artifact_location=root.as_uri())
     mlflow.set_experiment(settings.experiment_name)
     return mlflow.MlflowClient()
 

@@ -36,9 +36,17 @@ def bentoml_serve_command(port: int) -> list[str]:
 
 
 class ServerProcess:
-    """Starts ``command`` from the repo root, waits until ``/readyz`` answers 200, stops with SIGTERM."""
+    """Starts ``command`` from the repo root, waits until ``ready_path`` answers 200, stops with SIGTERM."""
 
-    def __init__(self, command: list[str], port: int, env: dict[str, str], output: Path, ready_timeout: float = 180):
+    def __init__(
+        self,
+        command: list[str],
+        port: int,
+        env: dict[str, str],
+        output: Path,
+        ready_timeout: float = 180,
+        ready_path: str = "/readyz",
+    ):
         self.url = f"http://127.0.0.1:{port}"
         self.output = output
         with output.open("w") as log:
@@ -55,7 +63,7 @@ class ServerProcess:
             if self.process.poll() is not None:
                 raise RuntimeError(f"server exited:\n{output.read_text()[-3000:]}")
             try:
-                with urllib.request.urlopen(f"{self.url}/readyz", timeout=2) as response:
+                with urllib.request.urlopen(f"{self.url}{ready_path}", timeout=2) as response:
                     if response.status == 200:
                         return
             except OSError:

@@ -172,3 +172,26 @@ def test_bento_builds_without_a_package_index(champion, tmp_path):
     assert {str(m.tag) for m in bento.info.all_models} == {str(stored.tag)}
     assert (Path(bento.path) / "src" / "service.py").is_file()
     assert (Path(bento.path) / "src" / "malaria" / "preprocess.py").is_file()
+
+
+def test_against_a_tracking_server_artifacts_go_to_the_server_store(settings_factory, tmp_path):
+    """As in compose.yaml: `mlflow server` with an artifact proxy; every client of it must read the artifacts."""
+    import sys
+
+    from malaria.registry import client
+    from malaria.server_process import ServerProcess, free_port
+
+    port, served = free_port(), tmp_path / "served-artifacts"
+    command = [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port)]
+    command += ["--backend-store-uri", f"sqlite:///{tmp_path / 'server.db'}", "--artifacts-destination", str(served)]
+    server = ServerProcess(command, port, {}, tmp_path / "mlflow-server.log", ready_timeout=120, ready_path="/health")
+    try:
+        settings = settings_factory(mlflow_tracking_uri=server.url, experiment_name="remote")
+        client(settings)
+        assert mlflow.get_experiment_by_name("remote").artifact_location.startswith("mlflow-artifacts:")
+        with mlflow.start_run():
+            mlflow.log_dict({"written": "through the server"}, "probe.json")
+        assert [p.name for p in served.rglob("probe.json")] == ["probe.json"]
+        assert not settings.mlflow_artifact_root.exists()
+    finally:
+        server.stop()
