@@ -11,19 +11,19 @@ from prefect.artifacts import create_markdown_artifact
 
 from malaria.config import get_settings
 from malaria.monitoring import DriftResult, drift_report, load_prediction_window
-from malaria.registry import reference_features
+from malaria.registry import champion_version, reference_features
 
 
 @task
-def load_reference(reference_path: Path | None) -> pd.DataFrame:
-    """The drift reference: a given CSV, else the one saved with the champion's training run."""
-    return pd.read_csv(reference_path) if reference_path else reference_features(get_settings())
+def load_reference(reference_path: Path | None, version: str | None) -> pd.DataFrame:
+    """The drift reference: a given CSV, else the one saved with the version's training run."""
+    return pd.read_csv(reference_path) if reference_path else reference_features(get_settings(), version)
 
 
 @task
-def load_window(log_dir: Path, hours: float | None) -> pd.DataFrame:
+def load_window(log_dir: Path, hours: float | None, version: str | None) -> pd.DataFrame:
     since = datetime.now(UTC) - timedelta(hours=hours) if hours else None
-    return load_prediction_window(log_dir, since)
+    return load_prediction_window(log_dir, since, version)
 
 
 @task
@@ -39,10 +39,15 @@ def drift_flow(
     out_dir: Path = Path("reports/drift"),
     min_predictions: int = 50,
 ) -> DriftResult:
-    """Compare recent predictions with the training images; the result says whether drift was found."""
+    """Compare recent predictions with the training images; the result says whether drift was found.
+
+    Without ``reference_path`` the reference is the champion's, and only the champion's predictions
+    are compared with it: another version's probabilities are another model's.
+    """
     settings = get_settings()
-    reference = load_reference(reference_path)
-    current = load_window(log_dir or settings.prediction_log_dir, hours)
+    version = None if reference_path else champion_version(settings)
+    reference = load_reference(reference_path, version)
+    current = load_window(log_dir or settings.prediction_log_dir, hours, version)
     result = report_task(reference, current, out_dir, min_predictions)
     create_markdown_artifact(
         key="drift-summary",

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import logging
+import re
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from functools import lru_cache
@@ -13,6 +15,8 @@ import numpy as np
 
 if TYPE_CHECKING:  # pandas is a training/monitoring dependency, not a serving one
     import pandas as pd
+
+logger = logging.getLogger(__name__)
 
 FEATURE_COLUMNS = (
     "width",
@@ -91,12 +95,17 @@ class DriftResult:
         )
 
 
-def load_prediction_window(folder: Path, since: datetime | None = None) -> pd.DataFrame:
-    """Logged predictions (all days and processes) newer than ``since``."""
+def load_prediction_window(
+    folder: Path, since: datetime | None = None, model_version: str | None = None
+) -> pd.DataFrame:
+    """Logged predictions (all days and processes) newer than ``since``, of ``model_version`` if given."""
     import pandas as pd
 
     rows = []
     for path in sorted(Path(folder).glob("predictions-*.jsonl")):
+        day = re.match(r"predictions-(\d{4}-\d{2}-\d{2})-", path.name)
+        if since is not None and day and day.group(1) < f"{since:%Y-%m-%d}":
+            continue  # a file holds the predictions of its (UTC) day: older than the window
         rows += [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
     frame = pd.DataFrame(rows)
     if frame.empty:
@@ -104,6 +113,13 @@ def load_prediction_window(folder: Path, since: datetime | None = None) -> pd.Da
     frame["time"] = pd.to_datetime(frame["time"], utc=True)
     if since is not None:
         frame = frame[frame["time"] >= pd.Timestamp(since)]
+    if model_version is not None:
+        logged = frame.get("model_version", pd.Series("unknown", index=frame.index)).astype(str)
+        other = logged != model_version
+        if other.any():
+            versions = sorted(logged[other].unique())
+            logger.info("%d predictions of other model versions (%s) left out", int(other.sum()), ", ".join(versions))
+        frame = frame[~other]
     return frame.reset_index(drop=True)
 
 

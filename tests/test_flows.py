@@ -67,7 +67,9 @@ def test_evaluate_flow_matches_scikit_learn_and_saves_the_threshold(champion, se
     assert runs["metrics.eval_accuracy"].iloc[0] == pytest.approx(result.metrics["accuracy"])
 
 
-def _write_prediction_log(folder: Path, images_dir: Path, champion, transform=None) -> int:
+def _write_prediction_log(
+    folder: Path, images_dir: Path, champion, transform=None, model_version: str | None = None
+) -> int:
     """Log lines as the service writes them, for images from ``images_dir`` (optionally transformed)."""
     settings, record, _ = champion
     paths = sorted(images_dir.rglob("*.png"))
@@ -78,10 +80,11 @@ def _write_prediction_log(folder: Path, images_dir: Path, champion, transform=No
     probability = predict_probability(model, batch, record.spec)
     sizes = [Image.open(p).size for p in paths]
     folder.mkdir(parents=True, exist_ok=True)
-    with (folder / "predictions-2026-01-01-1.jsonl").open("w") as handle:
+    version = model_version or record.version
+    with (folder / f"predictions-2026-01-01-{version}.jsonl").open("w") as handle:
         for features, p in zip(image_features_batch(batch, sizes), probability, strict=True):
-            row = {"time": pd.Timestamp.now(tz="UTC").isoformat(), "probability_parasitized": float(p), **features}
-            handle.write(json.dumps(row) + "\n")
+            row = {"time": pd.Timestamp.now(tz="UTC").isoformat(), "model_version": version}
+            handle.write(json.dumps({**row, "probability_parasitized": float(p), **features}) + "\n")
     return len(paths)
 
 
@@ -115,6 +118,22 @@ def test_drift_is_flagged_for_darker_bluer_images(champion, settings_env, fresh_
     result = drift_flow(hours=None, log_dir=tmp_path / "log", out_dir=tmp_path / "reports")
     assert result.drift_detected, result.summary()
     assert {"mean_r", "mean_g", "brightness"} <= set(result.drifted_columns)
+
+
+def test_drift_compares_only_the_champions_predictions_with_its_reference(
+    champion, settings_env, fresh_cells, tmp_path
+):
+    from flows.drift import drift_flow
+
+    settings_env(champion[0])
+    n = _write_prediction_log(tmp_path / "log", fresh_cells, champion)
+
+    def darker_bluer(batch: np.ndarray) -> np.ndarray:
+        return np.clip(batch * np.array([0.55, 0.6, 1.0], dtype=np.float32) + [0, 0, 0.15], 0, 1)
+
+    _write_prediction_log(tmp_path / "log", fresh_cells, champion, darker_bluer, model_version="999")
+    result = drift_flow(hours=None, log_dir=tmp_path / "log", out_dir=tmp_path / "reports")
+    assert result.n_current == n and not result.drift_detected, result.summary()
 
 
 def test_drift_with_too_few_predictions_says_so(champion, settings_env, tmp_path):

@@ -25,3 +25,31 @@ def test_a_flat_image_has_zero_spread():
     [f] = image_features_batch(np.full((1, 8, 8, 3), 0.5, dtype=np.float32), [(8, 8)])
     assert f["std_r"] == f["std_g"] == f["std_b"] == 0.0
     assert f["mean_r"] == 0.5 and abs(f["brightness"] - 0.5) < 1e-9
+
+
+def test_prediction_window_reads_the_days_and_versions_asked_for(tmp_path):
+    import json
+    from datetime import UTC, datetime, timedelta
+
+    from malaria.monitoring import load_prediction_window
+
+    now = datetime.now(UTC)
+
+    def write(name: str, rows: list[dict]) -> None:
+        (tmp_path / name).write_text("".join(json.dumps(row) + "\n" for row in rows))
+
+    old_day = (now - timedelta(days=3)).strftime("%Y-%m-%d")
+    write(f"predictions-{old_day}-1.jsonl", [{"time": (now - timedelta(days=3)).isoformat(), "model_version": "1"}])
+    write(
+        f"predictions-{now:%Y-%m-%d}-1.jsonl",
+        [
+            {"time": now.isoformat(), "model_version": "1"},
+            {"time": now.isoformat(), "model_version": "2"},
+            {"time": (now - timedelta(hours=5)).isoformat(), "model_version": "2"},
+        ],
+    )
+    assert len(load_prediction_window(tmp_path)) == 4
+    assert len(load_prediction_window(tmp_path, since=now - timedelta(days=4))) == 4
+    assert len(load_prediction_window(tmp_path, since=now - timedelta(hours=1))) == 2
+    recent_v2 = load_prediction_window(tmp_path, since=now - timedelta(hours=1), model_version="2")
+    assert list(recent_v2["model_version"]) == ["2"]
