@@ -7,6 +7,7 @@ unchanged step is not redone when the pipeline runs again.
 from __future__ import annotations
 
 import hashlib
+import os
 import subprocess
 from datetime import timedelta
 from pathlib import Path
@@ -54,11 +55,17 @@ def train_task(manifest_hash: str, params: dict, code_hash: str, force: bool) ->
     from malaria.train import train
 
     record = train(get_settings(), force=force)
-    return {"version": record.version, "champion": record.is_champion, "metrics": record.metrics}
+    return {
+        "version": record.version,
+        "run_id": record.run_id,
+        "champion": record.is_champion,
+        "metrics": record.metrics,
+    }
 
 
 @task(**CACHED)
-def evaluate_task(version: str) -> dict:
+def evaluate_task(version: str, run_id: str, refer_target_accuracy: float, code_hash: str) -> dict:
+    """Test metrics, threshold and refer band of a version (keyed by its run: versions repeat across registries)."""
     from malaria.evaluate import evaluate_model
 
     result = evaluate_model(get_settings(), version)
@@ -66,7 +73,8 @@ def evaluate_task(version: str) -> dict:
 
 
 @task(**CACHED)
-def import_task(champion_version: str) -> str:
+def import_task(champion_run_id: str, champion_spec: str, bentoml_home: str) -> str:
+    """The champion into the BentoML store, again when its spec (threshold, refer band) or the store changed."""
     from malaria.bento import import_model
 
     return str(import_model(get_settings()).tag)
@@ -83,7 +91,7 @@ def build_task(bento_model_tag: str, code_hash: str) -> str:
 def training_pipeline(force: bool = False, build: bool = True) -> dict:
     """Run the whole model lifecycle; cached steps are skipped when their inputs did not change."""
     from malaria.data import ensure_dataset
-    from malaria.registry import champion_version
+    from malaria.registry import RegistryError, get_version
 
     settings = get_settings()
     params = settings.model_dump(
@@ -109,11 +117,15 @@ def training_pipeline(force: bool = False, build: bool = True) -> dict:
     code_hash = fingerprint(PACKAGE)
     manifest_hash = prepare_task(fingerprint(ensure_dataset(settings)), params, fingerprint(settings.splits_path))
     trained = train_task(manifest_hash, params, code_hash, force)
-    evaluation = evaluate_task(trained["version"])
-    champion = champion_version(settings)
-    summary = {"trained": trained, "evaluation": evaluation, "champion": champion}
+    evaluation = evaluate_task(trained["version"], trained["run_id"], settings.refer_target_accuracy, code_hash)
+    try:
+        champion = get_version(settings)
+    except RegistryError:
+        champion = None
+    summary = {"trained": trained, "evaluation": evaluation, "champion": champion and champion.version}
     if champion is not None:
-        summary["bento_model"] = import_task(champion)
+        store = os.environ.get("BENTOML_HOME", "~/bentoml")  # BentoML's store location
+        summary["bento_model"] = import_task(champion.run_id, champion.spec.to_json(), store)
         if build:
             summary["bento"] = build_task(summary["bento_model"], fingerprint(*SERVICE_FILES))
     get_run_logger().info("pipeline finished: %s", summary)

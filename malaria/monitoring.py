@@ -101,12 +101,20 @@ def load_prediction_window(
     """Logged predictions (all days and processes) newer than ``since``, of ``model_version`` if given."""
     import pandas as pd
 
-    rows = []
+    rows, unreadable = [], 0
     for path in sorted(Path(folder).glob("predictions-*.jsonl")):
         day = re.match(r"predictions-(\d{4}-\d{2}-\d{2})-", path.name)
         if since is not None and day and day.group(1) < f"{since:%Y-%m-%d}":
             continue  # a file holds the predictions of its (UTC) day: older than the window
-        rows += [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+        for line in path.read_text().splitlines():
+            if not line.strip():
+                continue
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError:  # half a line: a failed write, or one still being written
+                unreadable += 1
+    if unreadable:
+        logger.warning("%d unreadable prediction log lines skipped in %s", unreadable, folder)
     frame = pd.DataFrame(rows)
     if frame.empty:
         return frame

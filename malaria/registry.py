@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -157,13 +158,17 @@ def promote_if_better(
         champion = get_version(settings, current)
         old_score = champion.metrics.get(settings.gate_metric)
         if rescore_champion is not None and champion.tags.get(VALIDATION_SET_TAG) != validation_set:
-            old_score = rescore_champion(champion)
-            logger.info(
-                "champion v%s was validated on other images: %s %.4f on this version's validation images",
-                current,
-                settings.gate_metric,
-                old_score,
-            )
+            gate = settings.gate_metric
+            try:
+                rescored = rescore_champion(champion)
+            except Exception as exc:  # noqa: BLE001 - the new version is registered: report, don't stop
+                logger.warning("champion v%s could not be scored on this version's validation set: %s", current, exc)
+            else:
+                if math.isnan(rescored):
+                    logger.warning("champion v%s has no %s on this version's validation images", current, gate)
+                else:
+                    old_score = rescored
+                    logger.info("champion v%s, validated on other images: %s %.4f on these", current, gate, rescored)
         if old_score is not None and (new_score is None or new_score < old_score):
             logger.info(
                 "version %s not promoted: %s %.4f < champion v%s %.4f (use --force to override)",

@@ -237,6 +237,7 @@ class PredictionLog:
 
     def _run(self) -> None:
         handle, path = None, None
+        after_failure = False  # a failed write may have left half a line: start the next one on a new line
         while True:
             lines = self._queue.get()
             if lines is None:
@@ -258,9 +259,12 @@ class PredictionLog:
                     handle, path = None, self._path()
                     path.parent.mkdir(parents=True, exist_ok=True)
                     handle = path.open("a", encoding="utf-8")
-                handle.write("".join(json.dumps(line) + "\n" for group in batch for line in group))
+                text = "".join(json.dumps(line) + "\n" for group in batch for line in group)
+                handle.write("\n" + text if after_failure else text)
                 handle.flush()
+                after_failure = False
             except Exception as exc:  # noqa: BLE001 - the writer must outlive any failed write
+                after_failure = True
                 self._drop(sum(len(group) for group in batch), path, exc)
                 if handle:
                     with contextlib.suppress(Exception):
@@ -270,10 +274,10 @@ class PredictionLog:
             handle.close()
 
     def _drop(self, count: int, path: Path | None, error: Exception) -> None:
-        self.dropped += count
-        logger.error("prediction log %s: %s: %d lines dropped (%d in all)", path, error, count, self.dropped)
+        logger.error("prediction log %s: %s: %d lines dropped (%d in all)", path, error, count, self.dropped + count)
         if self._on_dropped is not None:
             self._on_dropped(count)
+        self.dropped += count  # last: once it moves, the line is logged and counted
 
     def close(self, timeout: float = 10.0) -> None:
         """Flush everything queued and stop the writer."""

@@ -149,8 +149,18 @@ def test_dvc_pipeline_parses_and_each_stage_depends_on_the_code_it_runs():
         assert set(stage.get("params", [])) <= set(params), name
         code = [dep for dep in stage["deps"] if dep.startswith("malaria/")]
         assert all((REPO_ROOT / dep).is_file() for dep in code), name
-    for stage, module in (("train", "train"), ("evaluate", "evaluate")):
-        source = (REPO_ROOT / "malaria" / f"{module}.py").read_text()
-        imported = set(re.findall(r"^from malaria\.(\w+) import", source, re.M))
-        imported |= set(re.findall(r"^from malaria import (\w+)", source, re.M))
-        assert {f"malaria/{m}.py" for m in imported} <= set(stages[stage]["deps"]), stage
+
+    def imports(module: str) -> set[str]:
+        """The malaria modules ``module`` imports, directly or through others."""
+        found, todo = set(), [module]
+        while todo:
+            name = todo.pop()
+            if name not in found:
+                found.add(name)
+                source = (REPO_ROOT / "malaria" / f"{name}.py").read_text()
+                todo += re.findall(r"^\s*from malaria\.(\w+) import", source, re.M)
+                todo += re.findall(r"^\s*from malaria import (\w+)", source, re.M)
+        return found
+
+    for stage, module in (("prepare", "data"), ("train", "train"), ("evaluate", "evaluate"), ("register", "bento")):
+        assert {f"malaria/{m}.py" for m in imports(module)} <= set(stages[stage]["deps"]), stage

@@ -188,6 +188,14 @@ def test_pipeline_caches_unchanged_steps(synthetic_dir, settings_env, tmp_path, 
     get_settings.cache_clear()
     capped = training_pipeline(build=False)
     assert capped["trained"]["version"] == "2"
+    assert "eval.accuracy" in get_version(settings, "2").tags
+    # Another registry starts again at version 1: its evaluation is its own, not the cached one of
+    # the first registry's version 1.
+    monkeypatch.setenv("MALARIA_REGISTERED_MODEL_NAME", "other-classifier")
+    get_settings.cache_clear()
+    other = training_pipeline(build=False)
+    assert other["trained"]["version"] == "1"
+    assert "eval.accuracy" in get_version(get_settings(), "1").tags
 
 
 def test_batch_predict_retries_server_errors_and_lost_connections_but_not_rejections():

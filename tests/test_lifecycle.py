@@ -93,6 +93,14 @@ def test_a_champion_validated_on_other_images_is_scored_again_on_the_new_ones(ch
     # Same validation images: the recorded scores compare, nothing is rescored.
     assert not promote_if_better(settings, newer.version, candidate, False, champion_set, rescore)
     assert rescored == [] and champion_version(settings) == record.version
+
+    # A champion that cannot be scored there (or has no score: one class) keeps its recorded score.
+    def unloadable(version):
+        raise OSError("artifacts gone")
+
+    for rescore_failing in (unloadable, lambda version: float("nan")):
+        assert not promote_if_better(settings, newer.version, candidate, False, "other-images", rescore_failing)
+        assert champion_version(settings) == record.version
     # Other validation images: the champion is scored on the candidate's, and loses there.
     assert promote_if_better(settings, newer.version, candidate, False, "other-images", rescore)
     assert rescored == [record.version] and champion_version(settings) == str(newer.version)

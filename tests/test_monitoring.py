@@ -39,7 +39,8 @@ def test_prediction_window_reads_the_days_and_versions_asked_for(tmp_path):
         (tmp_path / name).write_text("".join(json.dumps(row) + "\n" for row in rows))
 
     old_day = (now - timedelta(days=3)).strftime("%Y-%m-%d")
-    write(f"predictions-{old_day}-1.jsonl", [{"time": (now - timedelta(days=3)).isoformat(), "model_version": "1"}])
+    # A recent time in an old day's file: only the file's date can leave it out.
+    write(f"predictions-{old_day}-1.jsonl", [{"time": now.isoformat(), "model_version": "1"}])
     write(
         f"predictions-{now:%Y-%m-%d}-1.jsonl",
         [
@@ -48,6 +49,8 @@ def test_prediction_window_reads_the_days_and_versions_asked_for(tmp_path):
             {"time": (now - timedelta(hours=5)).isoformat(), "model_version": "2"},
         ],
     )
+    with (tmp_path / f"predictions-{now:%Y-%m-%d}-1.jsonl").open("a") as handle:
+        handle.write('{"time": "half a line from a failed wri')  # skipped, not a crash
     assert len(load_prediction_window(tmp_path)) == 4
     assert len(load_prediction_window(tmp_path, since=now - timedelta(days=4))) == 4
     assert len(load_prediction_window(tmp_path, since=now - timedelta(hours=1))) == 2

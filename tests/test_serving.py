@@ -147,7 +147,8 @@ def test_prediction_log_survives_a_failed_write_and_counts_what_it_dropped(tmp_p
     folder.unlink()
     log.record([prediction("kept")], prepared, 1.0)
     log.close()
-    lines = [json.loads(line) for path in folder.glob("*.jsonl") for line in path.read_text().splitlines()]
+    text = "".join(path.read_text() for path in folder.glob("*.jsonl"))
+    lines = [json.loads(line) for line in text.splitlines() if line.strip()]
     assert [line["request_id"] for line in lines] == ["kept"]
     assert lines[0]["width"] == 8 and log.dropped == 1
 
