@@ -146,6 +146,7 @@ def test_concurrent_single_image_calls_reach_the_model_in_batches(server, cells)
     assert 0 < delta["calls"] < len(images), "fewer model calls than requests: calls were batched"
     assert delta["ones"] < delta["calls"], "every model call had batch size 1: no adaptive batching happened"
     assert "malaria_predictions_total" in metrics and "malaria_probability_parasitized_bucket" in metrics
+    assert re.search(r"malaria_prediction_log_dropped_total(?:\{[^}]*\})? 0\.0", metrics), "no log line dropped"
 
 
 def test_keep_alive_connections_are_recycled_after_max_requests(server):
