@@ -18,8 +18,7 @@ from collections.abc import Callable
 from datetime import UTC, datetime
 from http import HTTPStatus
 from pathlib import Path, PurePosixPath
-from types import UnionType
-from typing import BinaryIO, Union, get_args, get_origin
+from typing import BinaryIO, get_args
 
 import numpy as np
 from bentoml.exceptions import BentoMLException, InvalidArgument
@@ -323,10 +322,12 @@ def harden_multipart_parsing() -> None:
 
 
 def _takes_a_list(annotation) -> bool:
-    """Whether a multipart field's annotation (``list[ImageUpload]``, maybe ``| None``) takes several files."""
-    if get_origin(annotation) in (Union, UnionType):
+    """Whether BentoML's multipart parser keeps every file of a field, by its own test of the annotation."""
+    from _bentoml_sdk.typing_utils import is_list_type, is_union_type
+
+    if is_union_type(annotation):
         annotation = get_args(annotation)[0]
-    return get_origin(annotation) is list
+    return is_list_type(annotation)
 
 
 OPEN_PATHS = frozenset({"/healthz", "/livez", "/readyz", "/metrics"})
