@@ -8,29 +8,32 @@ concurrent single-image ``/predict`` calls are batched together (``malaria_batch
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
+from typing import Annotated
 
 import bentoml
 import numpy as np
+from PIL import Image
+from pydantic import Field
 
 from malaria.config import get_settings
-from malaria.serving import (
-    BatchedModel,
-    BatchResult,
-    ConnectionRecycleMiddleware,
+from malaria.serving.batching import BatchedModel, monotonic_ms
+from malaria.serving.middleware import BearerAuthMiddleware, BodyLimitMiddleware, ConnectionRecycleMiddleware
+from malaria.serving.prediction_log import PredictionLog
+from malaria.serving.schemas import BatchResult, ModelInfo, Prediction
+from malaria.serving.uploads import (
     ImageUpload,
-    ModelInfo,
-    Prediction,
-    PredictionLog,
-    RequestGuardMiddleware,
+    decode_field,
     harden_multipart_parsing,
     make_predictions,
-    monotonic_ms,
     new_request_id,
     prepare_uploads,
     summarize,
 )
+from malaria.smear.analysis import SmearAnalysis, SmearTiming, expected_diameter, prepare_field, summarise_field
+from malaria.smear.render import annotate
 from malaria.spec import ModelSpec
 
 logger = logging.getLogger(__name__)
@@ -52,6 +55,16 @@ probability_histogram = bentoml.metrics.Histogram(
 prediction_log_dropped_total = bentoml.metrics.Counter(
     name="malaria_prediction_log_dropped_total",
     documentation="Prediction log lines that could not be written (see the service log)",
+)
+smear_fields_total = bentoml.metrics.Counter(
+    name="malaria_smear_fields_total",
+    documentation="Smear fields analysed, by whether they could be counted",
+    labelnames=["usable"],
+)
+smear_cells_total = bentoml.metrics.Counter(
+    name="malaria_smear_cells_total",
+    documentation="Counted red cells of smear fields, by label and decision",
+    labelnames=["label", "decision"],
 )
 batch_size_histogram = bentoml.metrics.Histogram(
     name="malaria_batch_size",
@@ -100,10 +113,21 @@ class MalariaClassifier:
             observe_batch=batch_size_histogram.observe,
         )
         self.prediction_log = PredictionLog(settings.prediction_log_dir, prediction_log_dropped_total.inc)
+        self.field_log = PredictionLog(settings.prediction_log_dir, prediction_log_dropped_total.inc, "smear-fields")
+        self._cpu_limiter = None  # created on the event loop, at first use
+
+    def _limiter(self):
+        """At most one CPU-heavy field job per worker at a time, off the event loop."""
+        import anyio
+
+        if self._cpu_limiter is None:
+            self._cpu_limiter = anyio.CapacityLimiter(1)
+        return self._cpu_limiter
 
     @bentoml.on_shutdown
     def flush_prediction_log(self) -> None:
         self.prediction_log.close()
+        self.field_log.close()
 
     async def _run(self, images: list[ImageUpload], ctx: bentoml.Context) -> list[Prediction]:
         started = time.perf_counter()
@@ -135,6 +159,94 @@ class MalariaClassifier:
         predictions = await self._run(images, ctx)
         return BatchResult(predictions=predictions, summary=summarize(predictions, self.spec))
 
+    async def _analyze_field(
+        self, upload: ImageUpload, cell_diameter_px: float | None, pixel_size_um: float | None, ctx: bentoml.Context
+    ) -> tuple[Image.Image, SmearAnalysis]:
+        import anyio
+
+        started = time.perf_counter()
+        request_id = new_request_id(ctx.request.headers)
+        ctx.response.headers["X-Request-ID"] = request_id
+        diameter = expected_diameter(settings.smear_cell_diameter_px, cell_diameter_px, pixel_size_um)
+
+        def prepare():
+            image = decode_field(upload, settings)
+            return image, prepare_field(image, self.spec, diameter, time.perf_counter)
+
+        image, field = await anyio.to_thread.run_sync(prepare, limiter=self._limiter())
+        model_started = time.perf_counter()
+        step = settings.max_batch_size  # the batcher's unit: a field's cells queue beside other callers' images
+        chunks = [field.batch[i : i + step] for i in range(0, len(field.batch), step)]
+        outputs = await asyncio.gather(*(self.model(chunk) for chunk in chunks))
+        probability = self.spec.probability_positive(np.concatenate(outputs)) if chunks else np.empty(0)
+        timing = SmearTiming(
+            detect_ms=round(field.detect_ms, 2),
+            crop_ms=round(field.crop_ms, 2),
+            model_ms=round(monotonic_ms(model_started), 2),
+            total_ms=round(monotonic_ms(started), 2),
+        )
+        analysis = summarise_field(
+            field,
+            probability,
+            self.spec,
+            cell_diameter_px=diameter,
+            model_version=self.version,
+            request_id=request_id,
+            timing=timing,
+            filename=upload.filename,
+        )
+        smear_fields_total.labels(usable=str(analysis.usable).lower()).inc()
+        for cell in analysis.cells:
+            if not cell.edge:
+                smear_cells_total.labels(label=cell.label, decision=cell.decision).inc()
+        self.field_log.record_lines(
+            [
+                {
+                    "request_id": request_id,
+                    "model_version": self.version,
+                    "filename": upload.filename,
+                    "usable": analysis.usable,
+                    "reason": analysis.reason,
+                    "parasitemia_percent": analysis.parasitemia_percent,
+                    **analysis.counts.model_dump(),
+                    "image_size": analysis.image_size,
+                    "cell_diameter_px": analysis.cell_diameter_px,
+                    "latency_ms": timing.total_ms,
+                }
+            ]
+        )
+        return image, analysis
+
+    @bentoml.api(route="/analyze_smear")
+    async def analyze_smear(
+        self,
+        image: ImageUpload,
+        ctx: bentoml.Context,
+        cell_diameter_px: Annotated[float, Field(ge=8, le=1000)] | None = None,
+        pixel_size_um: Annotated[float, Field(gt=0.005, le=5)] | None = None,
+    ) -> SmearAnalysis:
+        """Find, classify and count the red cells of one thin-smear field photograph (multipart field ``image``).
+
+        ``cell_diameter_px`` (or ``pixel_size_um``) sets the expected red-cell size of this microscope;
+        without either the server's default applies.
+        """
+        return (await self._analyze_field(image, cell_diameter_px, pixel_size_um, ctx))[1]
+
+    @bentoml.api(route="/annotate_smear")
+    async def annotate_smear(
+        self,
+        image: ImageUpload,
+        ctx: bentoml.Context,
+        cell_diameter_px: Annotated[float, Field(ge=8, le=1000)] | None = None,
+        pixel_size_um: Annotated[float, Field(gt=0.005, le=5)] | None = None,
+    ) -> Image.Image:
+        """The same analysis drawn on the field: a PNG with each cell boxed in its decision's colour."""
+        import anyio
+
+        field_image, analysis = await self._analyze_field(image, cell_diameter_px, pixel_size_um, ctx)
+        ctx.response.headers["X-Parasitemia-Percent"] = str(analysis.parasitemia_percent)
+        return await anyio.to_thread.run_sync(annotate, field_image, analysis, limiter=self._limiter())
+
     @bentoml.api(route="/model_info")
     def model_info(self) -> ModelInfo:
         """The served model: tag, MLflow version and run, metrics, input size, classes, threshold."""
@@ -154,10 +266,15 @@ class MalariaClassifier:
 
 
 FORM_OVERHEAD_BYTES = 1_000_000  # multipart headers and boundaries, generously
+# Starlette runs the first added outermost: auth answers before any limit is disclosed.
+MalariaClassifier.add_asgi_middleware(BearerAuthMiddleware, token=settings.api_token)
 MalariaClassifier.add_asgi_middleware(
-    RequestGuardMiddleware,
-    token=settings.api_token,
+    BodyLimitMiddleware,
     max_body_bytes=settings.max_image_bytes * settings.max_images_per_request + FORM_OVERHEAD_BYTES,
-    body_limits={"/predict": settings.max_image_bytes + FORM_OVERHEAD_BYTES},
+    body_limits={
+        "/predict": settings.max_image_bytes + FORM_OVERHEAD_BYTES,
+        "/analyze_smear": settings.max_smear_bytes + FORM_OVERHEAD_BYTES,
+        "/annotate_smear": settings.max_smear_bytes + FORM_OVERHEAD_BYTES,
+    },
 )
 MalariaClassifier.add_asgi_middleware(ConnectionRecycleMiddleware, max_requests=settings.max_requests_per_connection)

@@ -22,6 +22,8 @@ app = typer.Typer(
 )
 data_app = typer.Typer(help="Locate, validate, split and report on the cell images.", no_args_is_help=True)
 app.add_typer(data_app, name="data")
+smear_app = typer.Typer(help="Smear fields: analyse slides, evaluate against annotated fields.", no_args_is_help=True)
+app.add_typer(smear_app, name="smear")
 
 
 def _settings(**overrides) -> Settings:
@@ -332,3 +334,129 @@ def champion() -> None:
 
 if __name__ == "__main__":
     app()
+
+
+UrlOption = Annotated[str, typer.Option(envvar="MALARIA_URL", help="Service URL.")]
+TokenOption = Annotated[str | None, typer.Option(envvar="MALARIA_API_TOKEN", help="Bearer token.")]
+DiameterOption = Annotated[
+    float | None, typer.Option(min=8, max=1000, help="Expected red-cell diameter in pixels (default: the server's).")
+]
+
+
+def _fmt_parasitemia(result: dict) -> str:
+    if result.get("parasitemia_percent") is None:
+        return "-"
+    low, high = result["parasitemia_ci95"]
+    return f"{result['parasitemia_percent']:.2f} % [{low:.2f}, {high:.2f}]"
+
+
+@smear_app.command("analyze")
+def smear_analyze(
+    paths: Annotated[list[Path], typer.Argument(help="Field images and/or folders (a folder is one slide).")],
+    out: Annotated[Path | None, typer.Option(help="Write annotated fields and summary.json here.")] = None,
+    cell_diameter_px: DiameterOption = None,
+    url: UrlOption = "http://localhost:3000",
+    token: TokenOption = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of tables.")] = False,
+    wait: Annotated[float, typer.Option(min=0, help="Seconds to wait for the service to be ready.")] = 10,
+) -> None:
+    """Count red cells and parasitemia per field and per slide with a running service.
+
+    A slide counted on fewer red cells than MALARIA_SMEAR_MIN_SLIDE_CELLS is flagged; a field the service
+    rejects gets its error in its row (exit code 1).
+    """
+    from malaria.client import MalariaClient
+    from malaria.smear.slides import analyze_slides, collect_slides
+
+    settings = _settings()
+    try:
+        slides = collect_slides(paths)
+    except FileNotFoundError as exc:
+        _fail(str(exc))
+    if not any(slides.values()):
+        _fail("no image files found")
+    try:
+        with MalariaClient(url, token=token, server_ready_timeout=wait, timeout=300) as client:
+            report = analyze_slides(slides, client, out, settings.smear_min_slide_cells, cell_diameter_px)
+    except Exception as exc:  # noqa: BLE001 - connection errors come from httpx as well as BentoML
+        _fail(f"service at {url}: {exc} (is it running, and is the token right?)")
+    if as_json:
+        typer.echo(json.dumps(report, indent=2))
+    else:
+        for slide, entry in report["slides"].items():
+            typer.echo(f"slide {slide}")
+            for field in entry["fields"]:
+                name = Path(field["path"]).name
+                if "error" in field:
+                    typer.echo(f"  {name}: rejected: {field['error']}")
+                elif not field["usable"]:
+                    typer.echo(f"  {name}: not counted: {field['reason']}")
+                else:
+                    counts = field["counts"]
+                    typer.echo(
+                        f"  {name}: {counts['parasitized']}/{counts['cells']} parasitized, "
+                        f"{counts['refer']} to review, parasitemia {_fmt_parasitemia(field)}"
+                    )
+            summary = entry["summary"]
+            flag = (
+                "" if summary["enough_cells"] else f"  (fewer than {summary['min_cells']} red cells: count more fields)"
+            )
+            fields = f"{summary['usable_fields']} of {summary['fields']} fields"
+            typer.echo(
+                f"  slide total: {summary['parasitized']}/{summary['cells']} parasitized over {fields}, "
+                f"parasitemia {_fmt_parasitemia(summary)}{flag}"
+            )
+    rejected = sum(e["summary"]["rejected_files"] for e in report["slides"].values())
+    if rejected:
+        _fail(f"{rejected} files rejected by the service")
+
+
+@smear_app.command("evaluate")
+def smear_evaluate(
+    smear_dir: Annotated[
+        Path | None, typer.Argument(help="Annotated fields (images/, annotations.json); default MALARIA_SMEAR_DIR.")
+    ] = None,
+    split: Annotated[
+        str, typer.Option(help="Fields to score: test, val, train (capture-block split) or all.")
+    ] = "test",
+    out: Annotated[Path | None, typer.Option(help="Write per-field scores and the summary (JSON) here.")] = None,
+    cell_diameter_px: DiameterOption = None,
+    url: UrlOption = "http://localhost:3000",
+    token: TokenOption = None,
+    wait: Annotated[float, typer.Option(min=0, help="Seconds to wait for the service to be ready.")] = 10,
+) -> None:
+    """Score the service on annotated fields: recall, sensitivity, specificity, parasitemia error, seconds per field.
+
+    Fields go to the service one at a time (the seconds are per field, sequential, HTTP included).
+    """
+    import time
+
+    from malaria.client import MalariaClient
+    from malaria.smear.annotations import SPLIT_NAMES, load_annotations, split_fields
+    from malaria.smear.evaluation import score_field, scores_table, summarise_scores
+
+    settings = _settings()
+    folder = smear_dir or settings.smear_dir
+    if folder is None or not (Path(folder) / "annotations.json").is_file():
+        _fail(f"no annotations.json under {folder} (give a folder or set MALARIA_SMEAR_DIR)")
+    if split not in (*SPLIT_NAMES, "all"):
+        _fail(f"--split must be one of {', '.join(SPLIT_NAMES)} or all")
+    annotations = load_annotations(Path(folder))
+    names = sorted(annotations)
+    if split != "all":
+        parts = split_fields(names, settings.seed)
+        names = [n for n in names if parts[n] == split]
+    scores = []
+    try:
+        with MalariaClient(url, token=token, server_ready_timeout=wait, timeout=300) as client:
+            for name in names:
+                started = time.perf_counter()
+                analysis = client.analyze_smear(Path(folder) / "images" / name, cell_diameter_px=cell_diameter_px)
+                scores.append(score_field(name, annotations[name], analysis, time.perf_counter() - started))
+    except Exception as exc:  # noqa: BLE001 - connection errors come from httpx as well as BentoML
+        _fail(f"service at {url}: {exc} (is it running, and is the token right?)")
+    summary = {"split": split, "seed": settings.seed, **summarise_scores(scores)}
+    typer.echo(json.dumps(summary, indent=2))
+    if out is not None:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps({"summary": summary, "fields": scores_table(scores)}, indent=2))

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 from pathlib import Path
 
-from malaria.data import IMAGE_SUFFIXES
+from malaria.preprocess import IMAGE_SUFFIXES
 
 
 def collect_images(paths: Iterable[Path | str]) -> list[Path]:
@@ -75,8 +75,13 @@ class MalariaClient:
     def model_info(self) -> dict:
         return self._client.model_info()
 
-    def is_ready(self) -> bool:
-        return self._client.is_ready()
+    def analyze_smear(self, image: Path | str, cell_diameter_px: float | None = None) -> dict:
+        """One smear field -> cells, counts and parasitemia (see ``SmearAnalysis``)."""
+        return self._client.analyze_smear(image=Path(image), cell_diameter_px=cell_diameter_px)
+
+    def annotate_smear(self, image: Path | str, cell_diameter_px: float | None = None):
+        """One smear field -> the annotated field as a PIL image."""
+        return self._client.annotate_smear(image=Path(image), cell_diameter_px=cell_diameter_px)
 
     def close(self) -> None:
         self._client.close()
@@ -86,27 +91,3 @@ class MalariaClient:
 
     def __exit__(self, *exc) -> None:
         self.close()
-
-
-class AsyncMalariaClient:
-    """Asynchronous client for bounded-concurrency batch jobs."""
-
-    def __init__(self, url: str = "http://localhost:3000", token: str | None = None, timeout: float = 60):
-        import bentoml
-
-        self._client = bentoml.AsyncHTTPClient(url, token=token, timeout=timeout)
-
-    async def predict(self, image: Path | str) -> dict:
-        return await self._client.predict(image=Path(image))
-
-    async def classify(self, images: list[Path | str]) -> list[dict]:
-        return await self._client.classify(images=[Path(p) for p in images])
-
-    async def close(self) -> None:
-        await self._client.close()
-
-    async def __aenter__(self) -> AsyncMalariaClient:
-        return self
-
-    async def __aexit__(self, *exc) -> None:
-        await self.close()

@@ -99,6 +99,29 @@ class Settings(BaseSettings):
     max_image_bytes: int = 10 * 1024 * 1024
     max_image_pixels: int = 25_000_000
     max_images_per_request: int = 64
+
+    # Smear fields
+    smear_dir: Path | None = Field(
+        default=None, description="Annotated smear fields (images/ and annotations.json, IML format); unset = none."
+    )
+    smear_cell_diameter_px: float = Field(
+        default=80.0,
+        ge=8,
+        le=1000,
+        description="Expected red-cell diameter in pixels when a request gives none (80: a 1280x960 field at 100x).",
+    )
+    max_smear_bytes: int = Field(
+        default=25 * 1024 * 1024, description="Largest field image file accepted by the smear routes."
+    )
+    max_smear_pixels: int = Field(
+        default=50_000_000, description="Largest field image, in pixels, accepted by the smear routes (a phone photo)."
+    )
+    smear_min_slide_cells: int = Field(
+        default=1000,
+        ge=1,
+        description="A slide counted on fewer red cells is flagged (WHO thin-film counting: infected cells per "
+        "1,000 or more red cells).",
+    )
     refer_target_accuracy: float = Field(
         default=0.985,
         gt=0.5,

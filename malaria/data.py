@@ -21,12 +21,11 @@ from sklearn.model_selection import StratifiedGroupKFold
 from tqdm import tqdm
 
 from malaria.config import Settings
-from malaria.preprocess import InvalidImageError, decode_image, preprocess
+from malaria.preprocess import IMAGE_SUFFIXES, InvalidImageError, decode_image, preprocess
 from malaria.spec import CLASS_NAMES, PARASITIZED, ModelSpec
 
 logger = logging.getLogger(__name__)
 
-IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff"}
 SPLITS = ("train", "val", "test")
 _PATIENT = re.compile(r"^C(\d+)", re.IGNORECASE)
 

@@ -15,6 +15,7 @@ from malaria.spec import ModelSpec
 Image.MAX_IMAGE_PIXELS = None
 
 ImageSource = bytes | str | Path | BinaryIO | Image.Image
+IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff"})  # files taken as images
 
 
 class InvalidImageError(ValueError):

@@ -3,14 +3,12 @@
 import json
 import subprocess
 import sys
-from pathlib import Path
 
 from malaria.data import generate_synthetic, scan_dataset
 from malaria.model import PROFILES, build_model
 from malaria.spec import ModelSpec
 from malaria.train import load_split, resolve_profile
-
-ROOT = Path(__file__).resolve().parents[1]
+from tests.conftest import REPO_ROOT as ROOT
 
 
 def test_settings_override_the_profile(settings_factory):

@@ -11,7 +11,8 @@ from pathlib import Path
 
 import yaml
 
-ROOT = Path(__file__).resolve().parents[1]
+from tests.conftest import REPO_ROOT as ROOT
+
 TRAINING_ONLY = ("pandas", "sklearn", "mlflow", "matplotlib", "prefect", "evidently", "dvc", "typer", "locust")
 
 BLOCKER = """

@@ -9,12 +9,15 @@ import time
 
 import numpy as np
 import pytest
-from _bentoml_sdk.io_models import IODescriptor
 from bentoml.exceptions import ServiceUnavailable
 from pydantic import TypeAdapter, ValidationError
 from starlette.datastructures import UploadFile
 
-from malaria.serving import BatchedModel, ImageUpload, Prediction, PredictionLog, PreparedImages
+from malaria.serving.batching import BatchedModel
+from malaria.serving.compat import io_descriptor
+from malaria.serving.prediction_log import PredictionLog
+from malaria.serving.schemas import Prediction
+from malaria.serving.uploads import ImageUpload, PreparedImages
 
 
 class FakeModel:
@@ -81,7 +84,7 @@ def test_batching_off_is_one_model_call_per_request():
 
 
 def test_overload_fallback_is_a_503():
-    from malaria.serving import _overloaded
+    from malaria.serving.batching import overloaded as _overloaded
 
     with pytest.raises(ServiceUnavailable) as raised:
         _overloaded()
@@ -112,7 +115,7 @@ def test_bentoml_treats_an_upload_field_as_a_multipart_file():
     def predict(self, image: ImageUpload, extra: list[ImageUpload]) -> str:
         return ""
 
-    spec = IODescriptor.from_input(predict, skip_self=True)
+    spec = io_descriptor().from_input(predict, skip_self=True)
     assert spec.mime_type() == "multipart/form-data"
     assert spec.multipart_fields == ["image", "extra"]
     schema = spec.model_json_schema()["properties"]
@@ -157,7 +160,7 @@ def test_no_upload_is_a_client_error():
     from bentoml.exceptions import InvalidArgument
 
     from malaria.config import Settings
-    from malaria.serving import prepare_uploads
+    from malaria.serving.uploads import prepare_uploads
     from malaria.spec import ModelSpec
 
     with pytest.raises(InvalidArgument, match="no image received"):

@@ -23,8 +23,8 @@ import pytest
 import yaml
 
 from malaria.config import Settings
+from tests.conftest import REPO_ROOT as ROOT
 
-ROOT = Path(__file__).resolve().parents[1]
 K8S_DIR = ROOT / "deploy" / "k8s"
 COMPOSE_FILE = ROOT / "compose.yaml"
 WORKFLOW_FILES = sorted((ROOT / ".github" / "workflows").glob("*.y*ml"))

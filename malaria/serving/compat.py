@@ -1,0 +1,58 @@
+"""Every use of BentoML internals, in one place.
+
+BentoML's public API has no hook for these, so they reach into ``_bentoml_impl``, ``_bentoml_sdk``
+and ``bentoml._internal``, which change between minor releases. The version check below makes an
+upgrade fail here, at import, with one clear message, instead of somewhere deep in a request.
+"""
+
+from __future__ import annotations
+
+from typing import Any, get_args
+
+import bentoml
+
+WRITTEN_FOR = "1.4."  # the minor series these internals were read from (1.4.40)
+
+if not bentoml.__version__.startswith(WRITTEN_FOR):
+    raise ImportError(
+        f"malaria.serving.compat was written for BentoML {WRITTEN_FOR}x, found {bentoml.__version__}: "
+        "check the internals used in malaria/serving/compat.py against the new release, then update WRITTEN_FOR"
+    )
+
+
+def multipart_serde_base() -> type:
+    """BentoML's multipart/form-data request parser class."""
+    from _bentoml_impl import serde
+
+    return serde.ALL_SERDE["multipart/form-data"]
+
+
+def install_form_serde(serde_cls: type) -> None:
+    """Make ``serde_cls`` BentoML's parser for multipart and url-encoded form bodies."""
+    from _bentoml_impl import serde
+
+    for media_type in ("multipart/form-data", "application/x-www-form-urlencoded"):
+        serde.ALL_SERDE[media_type] = serde_cls
+
+
+def takes_a_list(annotation: Any) -> bool:
+    """Whether BentoML's multipart parser keeps every file of a field, by its own test of the annotation."""
+    from _bentoml_sdk.typing_utils import is_list_type, is_union_type
+
+    if is_union_type(annotation):
+        annotation = get_args(annotation)[0]
+    return is_list_type(annotation)
+
+
+def cork_dispatcher(**options: Any) -> Any:
+    """BentoML's adaptive-batching dispatcher (the one its batchable APIs use)."""
+    from bentoml._internal.marshal.dispatcher import CorkDispatcher
+
+    return CorkDispatcher(**options)
+
+
+def io_descriptor() -> type:
+    """The base class of a BentoML API's input model (used by tests to build one by hand)."""
+    from _bentoml_sdk.io_models import IODescriptor
+
+    return IODescriptor

@@ -1,0 +1,196 @@
+"""The upload schema and its checks: files in, model inputs and answers out."""
+
+from __future__ import annotations
+
+import io
+import os
+import posixpath
+import uuid
+from http import HTTPStatus
+from pathlib import PurePosixPath
+from typing import BinaryIO
+
+import numpy as np
+from bentoml.exceptions import BentoMLException, InvalidArgument
+from pydantic_core import PydanticCustomError, core_schema
+from starlette.datastructures import UploadFile
+
+from malaria.config import Settings
+from malaria.preprocess import ImageTooLargeError, InvalidImageError, decode_image, to_model_input
+from malaria.serving import compat
+from malaria.serving.schemas import BatchSummary, Prediction
+from malaria.spec import DECISIONS, ModelSpec
+
+
+class PayloadTooLarge(BentoMLException):
+    """413: an upload over the byte, pixel or count limit."""
+
+    error_code = HTTPStatus.REQUEST_ENTITY_TOO_LARGE
+
+
+class ImageUpload(PurePosixPath):
+    """One uploaded file as Starlette parsed it (in memory up to 1 MB, spooled to disk above), with
+    the client's file name (``filename``, without any folder part) and ``size`` in bytes.
+
+    BentoML writes every ``Path`` upload to a temporary file that the handler then reads back; that
+    cost about a tenth of the CPU per single-image request. A ``PurePath`` subclass is still a file
+    field to BentoML (multipart parsing, ``type: file`` in the schema its clients read), and its
+    bytes are read one image at a time, after the size check.
+    """
+
+    filename: str | None
+    size: int
+    _source: BinaryIO
+
+    @classmethod
+    def of(cls, source: BinaryIO, size: int, filename: str | None = None) -> ImageUpload:
+        name = posixpath.basename(filename or "") or None
+        upload = cls(name or "upload")
+        upload.filename, upload.size, upload._source = name, size, source
+        return upload
+
+    def read(self) -> bytes:
+        self._source.seek(0)
+        return self._source.read()
+
+    @classmethod
+    def validate(cls, value) -> ImageUpload:
+        if isinstance(value, cls):
+            return value
+        if isinstance(value, UploadFile):
+            size = value.size if value.size is not None else value.file.seek(0, os.SEEK_END)
+            return cls.of(value.file, size, value.filename)
+        if isinstance(value, bytes):
+            return cls.of(io.BytesIO(value), len(value))
+        raise PydanticCustomError("file_type", "expected a file upload (multipart/form-data)")
+
+    @classmethod
+    def __get_pydantic_core_schema__(cls, source, handler) -> core_schema.CoreSchema:
+        return core_schema.no_info_plain_validator_function(
+            cls.validate, serialization=core_schema.plain_serializer_function_ser_schema(str)
+        )
+
+    @classmethod
+    def __get_pydantic_json_schema__(cls, schema, handler) -> dict:
+        # What BentoML's own file fields publish (its clients look for ``type: file``).
+        if handler.mode == "validation":
+            return {"type": "file", "format": "binary"}
+        return {"type": "string", "format": "binary"}
+
+
+class PreparedImages:
+    """Validated uploads: model inputs, original sizes and names."""
+
+    def __init__(self, batch: np.ndarray, sizes: list[tuple[int, int]], names: list[str | None]):
+        self.batch, self.sizes, self.names = batch, sizes, names
+
+
+def prepare_uploads(uploads: list[ImageUpload], spec: ModelSpec, settings: Settings) -> PreparedImages:
+    """Check limits and run the shared preprocessing; bad input raises a 4xx BentoML error."""
+    if not uploads:
+        raise InvalidArgument("no image received: send at least one file")
+    if len(uploads) > settings.max_images_per_request:
+        raise PayloadTooLarge(f"{len(uploads)} images in one request; the limit is {settings.max_images_per_request}")
+    batch = np.empty((len(uploads), spec.image_size, spec.image_size, 3), dtype=np.float32)
+    sizes = []
+    for i, upload in enumerate(uploads):
+        label = f"image {upload.filename or i + 1}"
+        if upload.size == 0:
+            raise InvalidArgument(f"{label}: empty file")
+        if upload.size > settings.max_image_bytes:
+            raise PayloadTooLarge(f"{label}: {upload.size} bytes; the limit is {settings.max_image_bytes} bytes")
+        try:
+            image = decode_image(upload.read(), max_pixels=settings.max_image_pixels)
+        except ImageTooLargeError as exc:
+            raise PayloadTooLarge(f"{label}: {exc}") from exc
+        except InvalidImageError as exc:
+            raise InvalidArgument(f"{label}: {exc}") from exc
+        sizes.append(image.size)
+        batch[i] = to_model_input(image, spec)
+    return PreparedImages(batch, sizes, [upload.filename for upload in uploads])
+
+
+def make_predictions(
+    probability: np.ndarray,
+    spec: ModelSpec,
+    model_version: str,
+    request_id: str,
+    names: list[str | None],
+) -> list[Prediction]:
+    labels = spec.labels(probability)
+    return [
+        Prediction(
+            label=label,
+            probability_parasitized=round(float(p), 6),
+            confidence=round(float(p if label == spec.positive_class else 1 - p), 6),
+            decision=spec.decision(float(p)),
+            model_version=model_version,
+            request_id=request_id,
+            filename=name,
+        )
+        for p, label, name in zip(probability, labels, names, strict=True)
+    ]
+
+
+def summarize(predictions: list[Prediction], spec: ModelSpec) -> BatchSummary:
+    counts = {name: 0 for name in spec.class_names}
+    decisions = dict.fromkeys(DECISIONS, 0)
+    for prediction in predictions:
+        counts[prediction.label] += 1
+        decisions[prediction.decision] += 1
+    return BatchSummary(total=len(predictions), counts=counts, decisions=decisions)
+
+
+def new_request_id(headers) -> str:
+    """The caller's X-Request-ID when it is sane, else a fresh UUID."""
+    given = headers.get("x-request-id", "") if headers is not None else ""
+    return given if 0 < len(given) <= 128 and given.isprintable() else uuid.uuid4().hex
+
+
+def harden_multipart_parsing() -> None:
+    """Answer 400, not 500, to a multipart file sent under a field name the endpoint does not take,
+    and to text sent in a file field.
+
+    BentoML 1.4 JSON-decodes every unknown form part as text, and a binary part raises
+    ``UnicodeDecodeError`` there, which its error handler turns into a 500. Text in a file field is
+    taken as a URL that the server downloads (or fails to: a 500).
+    """
+    base = compat.multipart_serde_base()
+    if getattr(base, "hardened", False):
+        return
+
+    class HardenedMultipartSerde(base):
+        hardened = True
+
+        async def parse_request(self, request, cls):
+            form = await request.form()  # Starlette caches it: the base class reads the same form
+            for field in cls.multipart_fields:
+                values = form.getlist(field)
+                if any(not isinstance(value, UploadFile) for value in values):
+                    # BentoML would fetch a URL given as text on the server, or fail with a 500.
+                    raise InvalidArgument(f"field {field!r} takes files, not text")
+                if len(values) > 1 and not compat.takes_a_list(cls.model_fields[field].annotation):
+                    # BentoML would answer for the first file only.
+                    raise InvalidArgument(f"field {field!r} takes one file, got {len(values)}")
+            try:
+                return await super().parse_request(request, cls)
+            except UnicodeDecodeError as exc:
+                fields = ", ".join(name for name in cls.model_fields if not name.startswith("_"))
+                raise InvalidArgument(f"unexpected file field; this endpoint takes: {fields}") from exc
+
+    compat.install_form_serde(HardenedMultipartSerde)
+
+
+def decode_field(upload: ImageUpload, settings: Settings):
+    """One smear field upload -> an upright RGB image, under the smear routes' byte and pixel limits."""
+    label = f"image {upload.filename or ''}".strip()
+    if upload.size == 0:
+        raise InvalidArgument(f"{label}: empty file")
+    if upload.size > settings.max_smear_bytes:
+        raise PayloadTooLarge(f"{label}: {upload.size} bytes; the limit is {settings.max_smear_bytes} bytes")
+    try:
+        return decode_image(upload.read(), max_pixels=settings.max_smear_pixels)
+    except ImageTooLargeError as exc:
+        raise PayloadTooLarge(f"{label}: {exc}") from exc
+    except InvalidImageError as exc:
+        raise InvalidArgument(f"{label}: {exc}") from exc

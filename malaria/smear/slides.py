@@ -1,0 +1,82 @@
+"""Slides made of fields: a folder is one slide; each field analysed by the service, summed per slide."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from malaria.preprocess import IMAGE_SUFFIXES
+
+LOOSE_FILES = "files"  # the slide name of field images given one by one
+
+
+def collect_slides(paths: list[Path]) -> dict[str, list[Path]]:
+    """Slide name -> its field images, in a stable order. A folder is a slide; loose files form one."""
+    slides: dict[str, list[Path]] = {}
+    for path in map(Path, paths):
+        if path.is_dir():
+            images = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+            slides[path.name or str(path)] = images
+        elif path.is_file():
+            slides.setdefault(LOOSE_FILES, []).append(path)
+        else:
+            raise FileNotFoundError(f"{path} does not exist")
+    return slides
+
+
+def summarise_slide(fields: list[dict], min_cells: int) -> dict:
+    """Counts and parasitemia over the usable fields of one slide; flagged when counted on too few cells."""
+    from malaria.smear.analysis import wilson_percent
+
+    usable = [f for f in fields if f.get("usable")]
+    cells = sum(f["counts"]["cells"] for f in usable)
+    parasitized = sum(f["counts"]["parasitized"] for f in usable)
+    return {
+        "fields": len(fields),
+        "usable_fields": len(usable),
+        "rejected_files": sum("error" in f for f in fields),
+        "cells": cells,
+        "parasitized": parasitized,
+        "refer": sum(f["counts"]["refer"] for f in usable),
+        "parasitemia_percent": round(100 * parasitized / cells, 3) if cells else None,
+        "parasitemia_ci95": wilson_percent(parasitized, cells) if cells else None,
+        "enough_cells": cells >= min_cells,
+        "min_cells": min_cells,
+    }
+
+
+def analyze_slides(
+    slides: dict[str, list[Path]], client, out: Path | None, min_cells: int, cell_diameter_px: float | None = None
+) -> dict:
+    """Analyse every field with the service (``client``: a ``MalariaClient``); write annotated fields
+    and ``summary.json`` under ``out``. A field the service rejects (4xx) is a row with its error."""
+    from bentoml.exceptions import BentoMLException
+
+    from malaria.preprocess import decode_image
+    from malaria.smear.analysis import SmearAnalysis
+    from malaria.smear.render import annotate
+
+    report: dict = {"slides": {}}
+    for slide, images in slides.items():
+        fields = []
+        for path in images:
+            try:
+                analysis = client.analyze_smear(path, cell_diameter_px=cell_diameter_px)
+            except BentoMLException as exc:
+                if int(exc.error_code) >= 500:
+                    raise
+                fields.append({"path": str(path), "error": str(exc)})
+                continue
+            analysis = analysis if isinstance(analysis, dict) else analysis.model_dump()
+            fields.append({"path": str(path), **analysis})
+            if out is not None:
+                target = out / slide / f"{path.stem}.annotated.png"
+                target.parent.mkdir(parents=True, exist_ok=True)
+                field_image = decode_image(path.read_bytes(), max_pixels=None)
+                annotate(field_image, SmearAnalysis.model_validate(analysis)).save(target)
+                fields[-1]["annotated"] = str(target)
+        report["slides"][slide] = {"summary": summarise_slide(fields, min_cells), "fields": fields}
+    if out is not None:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "summary.json").write_text(json.dumps(report, indent=2))
+    return report

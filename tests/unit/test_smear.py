@@ -1,0 +1,182 @@
+"""Smear analysis code on generated fields with known cells: detection, crops, counts, interval, scoring."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from PIL import Image, ImageFilter
+
+from malaria.smear.analysis import PreparedField, SmearTiming, prepare_field, summarise_field, wilson_percent
+from malaria.smear.annotations import capture_number, load_annotations, match_boxes, split_fields
+from malaria.smear.detect import cell_crop, detect_cells
+from malaria.smear.evaluation import score_field, summarise_scores
+from malaria.smear.render import COLOURS, annotate
+from malaria.smear.synthetic import synthetic_field
+from malaria.spec import ModelSpec
+
+
+@pytest.fixture(scope="module")
+def field():
+    return synthetic_field(seed=1)
+
+
+@pytest.fixture(scope="module")
+def detection(field):
+    return detect_cells(np.asarray(field.image), cell_diameter_px=40)
+
+
+def test_every_interior_cell_is_found_once(field, detection):
+    counted = [r.box for r in detection.counted]
+    assert len(counted) == len(field.cells) == 30
+    assert len(match_boxes(field.cells, counted)) == len(field.cells)
+
+
+def test_touching_cells_are_split(field):
+    pairs_only = synthetic_field(n_free=0, n_pairs=6, white_cell=False, edge_cells=0, platelets=0, seed=4)
+    found = detect_cells(np.asarray(pairs_only.image), 40)
+    assert len(found.counted) == 12
+    assert len(match_boxes(pairs_only.cells, [r.box for r in found.counted])) == 12
+
+
+def test_cells_cut_by_the_border_are_flagged_and_not_counted(field, detection):
+    edge = [r for r in detection.regions if r.kind == "red_cell" and r.edge]
+    assert len(edge) == field.edge_cells == 2
+    for region in edge:
+        x, y, w, h = region.box
+        assert x == 0 or y + h == field.image.height
+
+
+def test_a_white_cell_is_rejected_not_counted(field, detection):
+    white = [r for r in detection.regions if r.kind == "white_cell"]
+    assert len(white) == 1
+    assert match_boxes(field.white_cells, [white[0].box], min_iou=0.3) == {0: 0}
+    assert not match_boxes(field.white_cells, [r.box for r in detection.counted], min_iou=0.3)
+
+
+def test_a_field_at_another_magnification_gives_the_same_cells(field, detection):
+    doubled = field.image.resize((field.image.width * 2, field.image.height * 2), Image.Resampling.BICUBIC)
+    found = detect_cells(np.asarray(doubled), cell_diameter_px=80)
+    assert len(found.counted) == len(detection.counted)
+    halved = [(x // 2, y // 2, w // 2, h // 2) for x, y, w, h in (r.box for r in found.counted)]
+    assert len(match_boxes(field.cells, halved)) == len(field.cells)
+
+
+def test_the_wrong_cell_size_is_not_a_silent_count(field):
+    """Told cells are 4x larger than they are, the detector does not count the field's cells."""
+    wrong = detect_cells(np.asarray(field.image), cell_diameter_px=160)
+    assert len(wrong.counted) < len(field.cells) / 2
+
+
+@pytest.mark.parametrize(
+    ("image", "reason"),
+    [
+        (Image.new("RGB", (640, 480), (205, 225, 205)), "no cells found"),
+        (Image.new("RGB", (640, 480), (120, 40, 120)), "no cells found"),
+        (synthetic_field(n_free=5, n_pairs=0, seed=2).image, "too few red cells"),
+        (synthetic_field(seed=1).image.filter(ImageFilter.GaussianBlur(6)), "too blurred"),
+    ],
+    ids=["blank", "all stain", "few cells", "blurred"],
+)
+def test_a_field_that_cannot_be_counted_says_why(image, reason):
+    found = detect_cells(np.asarray(image), 40)
+    assert not found.usable
+    assert found.reason.startswith(reason)
+
+
+def test_crops_are_the_cell_on_black(field, detection):
+    region = detection.counted[0]
+    crop = cell_crop(np.asarray(field.image), region)
+    assert crop.shape[:2] == (region.box[3], region.box[2])
+    assert (crop[~region.mask] == 0).all()
+    assert (crop[region.mask].mean(axis=1) > 100).mean() > 0.9  # the cell's own pink pixels kept
+
+
+def test_wilson_interval_matches_the_textbook_values():
+    assert wilson_percent(5, 100) == pytest.approx((2.154, 11.175), abs=1e-3)
+    low, high = wilson_percent(0, 30)
+    assert low == 0 and high == pytest.approx(11.35, abs=0.01)  # honest about 30 cells: up to 11 %
+    assert wilson_percent(0, 3000)[1] < 0.2
+
+
+def _summary(field_image, spec, probability_of):
+    prepared = prepare_field(field_image, spec, 40, iter(range(100)).__next__)
+    probability = np.array([probability_of(i) for i in range(len(prepared.batch))])
+    timing = SmearTiming(detect_ms=1, crop_ms=1, model_ms=1, total_ms=3)
+    return prepared, summarise_field(
+        prepared, probability, spec, cell_diameter_px=40, model_version="7", request_id="r", timing=timing
+    )
+
+
+def test_counts_and_parasitemia_over_whole_cells_only(field):
+    spec = ModelSpec(image_size=32, threshold=0.5, refer_band=(0.4, 0.6))
+    prepared, result = _summary(field.image, spec, lambda i: [0.9, 0.1, 0.55, 0.05][i % 4])
+    assert isinstance(prepared, PreparedField) and prepared.batch.shape[1:] == (32, 32, 3)
+    counted = [c for c in result.cells if not c.edge]
+    assert result.counts.cells == len(counted) == 30 and len(result.cells) == 32
+    parasitized = sum(c.probability_parasitized >= 0.5 for c in counted)
+    assert result.counts.parasitized == parasitized  # 0.55 is Parasitized by label, and flagged refer
+    assert result.counts.refer == sum(c.probability_parasitized == 0.55 for c in counted) > 0
+    assert result.parasitemia_percent == pytest.approx(100 * parasitized / 30, abs=1e-3)
+    assert result.parasitemia_ci95 == wilson_percent(parasitized, 30)
+    assert {o.kind for o in result.other_objects} == {"white_cell"}
+
+
+def test_an_unusable_field_has_no_parasitemia():
+    spec = ModelSpec(image_size=32)
+    _, result = _summary(Image.new("RGB", (320, 240), (205, 225, 205)), spec, lambda i: 0.9)
+    assert not result.usable and result.parasitemia_percent is None and result.parasitemia_ci95 is None
+    assert result.reason.startswith("no cells found") and result.counts.cells == 0
+
+
+def test_annotated_field_draws_each_cell_in_its_decision_colour(field):
+    spec = ModelSpec(image_size=32, threshold=0.5, refer_band=(0.4, 0.6))
+    _, result = _summary(field.image, spec, lambda i: [0.9, 0.1, 0.55][i % 3])
+    drawn = np.asarray(annotate(field.image, result))
+    assert drawn.shape == np.asarray(field.image).shape
+    for cell in (c for c in result.cells if not c.edge):
+        x, y, w, h = cell.box
+        assert tuple(drawn[y + h - 1, x + w // 2]) == COLOURS[cell.decision]  # the box's bottom side
+
+
+def test_split_keeps_capture_blocks_together():
+    names = [f"PA{171690 + i}.JPG" for i in range(95)]
+    parts = split_fields(names, seed=42)
+    assert parts == split_fields(list(reversed(names)), seed=42)  # input order does not matter
+    assert set(parts.values()) == {"train", "val", "test"}
+    for start in range(0, 95, 10):
+        assert len({parts[n] for n in names[start : start + 10]}) == 1
+    assert capture_number("PA171720.JPG") == 171720
+    assert sum(p == "test" for p in parts.values()) in (10, 20)
+
+
+def test_iml_annotations_are_read_and_scored(tmp_path, field):
+    objects = [
+        {"type": "red blood cell" if not inf else "ring", "bbox": {k: str(v) for k, v in zip("xywh", box, strict=True)}}
+        for box, inf in zip(field.cells, field.infected, strict=True)
+    ]
+    objects.append({"type": "difficult", "bbox": {"x": "1", "y": "1", "w": "5", "h": "5"}})
+    (tmp_path / "annotations.json").write_text(json.dumps([{"image_name": "f1.png", "objects": objects}]))
+    boxes = load_annotations(tmp_path)["f1.png"]
+    assert len(boxes) == 30 and sum(b.infected for b in boxes) == sum(field.infected)
+    spec = ModelSpec(image_size=32)
+    # A "model" that calls exactly the boxed infected cells: perfect scores, parasitemia error 0.
+    truth = {box: inf for box, inf in zip(field.cells, field.infected, strict=True)}
+    prepared = prepare_field(field.image, spec, 40, iter(range(100)).__next__)
+    cells = [r for r in prepared.detection.regions if r.kind == "red_cell"]
+    matches = match_boxes(list(truth), [r.box for r in cells])
+    infected_cells = {m for t, m in matches.items() if list(truth.values())[t]}
+    probability = np.array([0.99 if i in infected_cells else 0.01 for i in range(len(cells))])
+    timing = SmearTiming(detect_ms=1, crop_ms=1, model_ms=1, total_ms=3)
+    analysis = summarise_field(
+        prepared, probability, spec, cell_diameter_px=40, model_version="1", request_id="r", timing=timing
+    ).model_dump()
+    score = score_field("f1.png", boxes, analysis, seconds=0.5)
+    summary = summarise_scores([score])
+    assert summary["recall"] == 1.0 and summary["sensitivity"] == 1.0 and summary["specificity"] == 1.0
+    assert summary["well_boxed_fields"] == 1 and summary["parasitemia_mae_pp"] == 0.0
+    # The opposite model: every cell called parasitized.
+    analysis["cells"] = [{**c, "label": "Parasitized"} for c in analysis["cells"]]
+    worst = summarise_scores([score_field("f1.png", boxes, analysis, seconds=0.5)])
+    assert worst["specificity"] == 0.0 and worst["sensitivity"] == 1.0
