@@ -40,6 +40,7 @@ logger = logging.getLogger(__name__)
 settings = get_settings()
 harden_multipart_parsing()
 MODEL = bentoml.models.BentoModel(f"{settings.bento_model_name}:latest")
+SYNTHETIC_WARNING = "model trained on synthetic data: a demo, not for real samples"
 RESOURCES = {"gpu": 1} if settings.gpu else {"cpu": str(settings.workers * settings.tf_intra_op_threads)}
 
 predictions_total = bentoml.metrics.Counter(
@@ -102,6 +103,8 @@ class MalariaClassifier:
         self.metadata = self.bento_model.info.metadata
         self.spec = ModelSpec.from_metadata(self.metadata).with_refer_band(settings.refer_band)
         self.version = str(self.metadata.get("mlflow_version") or self.bento_model.tag.version)
+        if self.spec.synthetic:
+            logger.warning("%s was trained on SYNTHETIC data: a demo, not for real samples", self.bento_model.tag)
         predict_fn = compiled_predict(load_stored_keras(self.bento_model))
         for size in (1, settings.max_batch_size):  # trace and warm up before /readyz turns green
             predict_fn(np.zeros((size, self.spec.image_size, self.spec.image_size, 3), np.float32))
@@ -129,10 +132,17 @@ class MalariaClassifier:
         self.prediction_log.close()
         self.field_log.close()
 
-    async def _run(self, images: list[ImageUpload], ctx: bentoml.Context) -> list[Prediction]:
-        started = time.perf_counter()
+    def _start_answer(self, ctx: bentoml.Context) -> str:
+        """The request id (echoed in X-Request-ID), and a warning header on every answer of a demo model."""
         request_id = new_request_id(ctx.request.headers)
         ctx.response.headers["X-Request-ID"] = request_id
+        if self.spec.synthetic:
+            ctx.response.headers["X-Model-Warning"] = SYNTHETIC_WARNING
+        return request_id
+
+    async def _run(self, images: list[ImageUpload], ctx: bentoml.Context) -> list[Prediction]:
+        started = time.perf_counter()
+        request_id = self._start_answer(ctx)
         prepared = prepare_uploads(images, self.spec, settings)
         outputs = await self.model(prepared.batch)
         probability = self.spec.probability_positive(outputs)
@@ -165,8 +175,7 @@ class MalariaClassifier:
         import anyio
 
         started = time.perf_counter()
-        request_id = new_request_id(ctx.request.headers)
-        ctx.response.headers["X-Request-ID"] = request_id
+        request_id = self._start_answer(ctx)
         diameter = expected_diameter(settings.smear_cell_diameter_px, cell_diameter_px, pixel_size_um)
 
         def prepare():
@@ -262,6 +271,7 @@ class MalariaClassifier:
             threshold=self.spec.threshold,
             refer_band=self.spec.refer_band,
             temperature=self.spec.temperature,
+            training_sources=self.spec.training_sources,
         )
 
 

@@ -32,18 +32,18 @@ def main() -> None:
 
     from malaria.bento import load_stored_keras, stored_spec
     from malaria.config import get_settings
-    from malaria.data import ensure_dataset, read_manifest
+    from malaria.data import read_manifest, source_roots
     from malaria.train import load_split, predict_probability
 
     settings = get_settings()
-    manifest, root = read_manifest(settings.splits_path), ensure_dataset(settings, allow_download=False)
+    manifest, roots = read_manifest(settings.splits_path), source_roots(settings, allow_download=False)
     splits: dict[int, dict] = {}
     test_accuracy: dict[str, list[float]] = {}
     for stored in bentoml.models.list(settings.bento_model_name):
         spec = stored_spec(stored)
         if spec.image_size not in splits:
             splits[spec.image_size] = {
-                split: load_split(manifest, root, split, spec, None, settings.seed) for split in ("val", "test")
+                split: load_split(manifest, roots, split, spec, None, settings.seed) for split in ("val", "test")
             }
         data, model = splits[spec.image_size], load_stored_keras(stored)
         p = {s: predict_probability(model, d.images, spec) for s, d in data.items()}

@@ -15,18 +15,18 @@ def main() -> None:
 
     from malaria.bento import load_stored_keras, stored_spec
     from malaria.config import get_settings
-    from malaria.data import ensure_dataset, read_manifest
+    from malaria.data import read_manifest, source_roots
     from malaria.train import load_split, predict_probability
 
     settings = get_settings()
     stored = bentoml.models.get(f"{settings.bento_model_name}:latest")
     spec = stored_spec(stored)
     model = load_stored_keras(stored)
-    manifest, root = read_manifest(settings.splits_path), ensure_dataset(settings, allow_download=False)
+    manifest, roots = read_manifest(settings.splits_path), source_roots(settings, allow_download=False)
 
     print(f"{stored.tag}: accuracy at threshold {spec.threshold}")
     for split in ("val", "test"):
-        data = load_split(manifest, root, split, spec, None, settings.seed)
+        data = load_split(manifest, roots, split, spec, None, settings.seed)
         x = data.images
         flips = [x, x[:, :, ::-1], x[:, ::-1], x[:, ::-1, ::-1]]
         views = flips + [v.transpose(0, 2, 1, 3) for v in flips]

@@ -155,17 +155,17 @@ def _validation_gate(settings: Settings, model, spec) -> dict:
     if not settings.splits_path.is_file():
         return {"metrics": {}}
     from malaria import evaluation
-    from malaria.data import ensure_dataset, images_fingerprint, read_manifest
+    from malaria.data import images_fingerprint, read_manifest, source_roots
     from malaria.registry import VALIDATION_SET_TAG
     from malaria.train import load_split, predict_probability, validation_scorer
 
-    root = ensure_dataset(settings)
-    val = load_split(read_manifest(settings.splits_path), root, "val", spec, None, settings.seed)
+    roots = source_roots(settings)
+    val = load_split(read_manifest(settings.splits_path), roots, "val", spec, None, settings.seed)
     probability = predict_probability(model, val.images, spec)
     return {
         "metrics": {f"val_{k}": v for k, v in evaluation.classification_metrics(val.labels, probability).items()},
         "version_tags": {VALIDATION_SET_TAG: images_fingerprint(val.frame)},
-        "rescore_champion": validation_scorer(settings, root, val),
+        "rescore_champion": validation_scorer(settings, roots, val),
     }
 
 

@@ -116,6 +116,14 @@ class Settings(BaseSettings):
     max_smear_pixels: int = Field(
         default=50_000_000, description="Largest field image, in pixels, accepted by the smear routes (a phone photo)."
     )
+    smear_uninfected_per_field: dict[str, int] = Field(
+        default={"train": 10, "val": 40, "test": 10_000},
+        description="Uninfected smear crops kept per field, by split (every infected one is kept; about 75 "
+        "uninfected cells per infected one in the shared set).",
+    )
+    smear_infected_repeat: int = Field(
+        default=4, ge=1, description="Times each infected smear crop is repeated in a training epoch."
+    )
     smear_min_slide_cells: int = Field(
         default=1000,
         ge=1,
@@ -167,6 +175,11 @@ class Settings(BaseSettings):
     @property
     def splits_path(self) -> Path:
         return self.workspace_data_dir / "splits.csv"
+
+    @property
+    def smear_crops_dir(self) -> Path:
+        """Crops cut from the annotated smear fields (never committed: the fields have no licence to share)."""
+        return self.workspace_data_dir / "smear_crops"
 
 
 @lru_cache

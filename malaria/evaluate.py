@@ -14,7 +14,7 @@ from sklearn.metrics import roc_curve
 
 from malaria import evaluation
 from malaria.config import Settings
-from malaria.data import ensure_dataset, images_fingerprint, read_manifest
+from malaria.data import images_fingerprint, read_manifest, source_roots
 from malaria.registry import SPLIT_TAG, RegisteredVersion, client, load_keras_model, update_spec
 from malaria.spec import ModelSpec
 from malaria.train import load_split, predict_probability
@@ -116,9 +116,9 @@ def evaluate_model(
     manifest = read_manifest(settings.splits_path)
     if warning := other_split_warning(record, manifest):
         logger.warning(warning)
-    root = ensure_dataset(settings)
-    val = load_split(manifest, root, "val", record.spec, None, settings.seed)
-    test = load_split(manifest, root, "test", record.spec, None, settings.seed)
+    roots = source_roots(settings)
+    val = load_split(manifest, roots, "val", record.spec, None, settings.seed)
+    test = load_split(manifest, roots, "test", record.spec, None, settings.seed)
 
     val_p = predict_probability(model, val.images, record.spec)
     threshold = choose_threshold(val.labels, val_p, objective)

@@ -44,6 +44,15 @@ class ModelSpec(BaseModel):
     refer_band: tuple[float, float] = Field(
         (0.2, 0.8), description="P(positive) in [low, high) is sent to a human ('refer')."
     )
+    training_sources: list[str] = Field(
+        default_factory=list,
+        description="Data the model was trained on: nih, smear, synthetic (a generated demo set); empty: not recorded.",
+    )
+
+    @property
+    def synthetic(self) -> bool:
+        """Trained on generated data: a demo model that knows nothing about real malaria."""
+        return "synthetic" in self.training_sources
 
     @model_validator(mode="after")
     def _consistent(self) -> ModelSpec:

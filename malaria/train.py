@@ -14,7 +14,18 @@ import pandas as pd
 
 from malaria import evaluation
 from malaria.config import Settings
-from malaria.data import ensure_dataset, images_fingerprint, labels_of, load_arrays, prepare, read_manifest
+from malaria.data import (
+    NIH,
+    SMEAR,
+    cell_source,
+    image_paths,
+    images_fingerprint,
+    labels_of,
+    load_arrays,
+    prepare,
+    read_manifest,
+    source_roots,
+)
 from malaria.model import (
     PROFILES,
     TrainingProfile,
@@ -38,17 +49,43 @@ class SplitData:
 
 
 def load_split(
-    manifest: pd.DataFrame, root: Path, split: str, spec: ModelSpec, limit: int | None, seed: int
+    manifest: pd.DataFrame,
+    roots: dict[str, Path],
+    split: str,
+    spec: ModelSpec,
+    limit: int | None,
+    seed: int,
+    repeat_infected_smear: int = 1,
 ) -> SplitData:
-    """One split's images (manifest paths are relative to ``root``) through the shared preprocessing."""
+    """One split's images (manifest paths are relative to their source's root) through the shared preprocessing.
+
+    ``repeat_infected_smear`` repeats the rare infected smear crops (training only).
+    """
     frame = manifest[manifest["split"] == split]
     if limit is not None and len(frame) > limit:
         frame = pd.concat(
             [group.sample(min(len(group), limit // 2), random_state=seed) for _, group in frame.groupby("label")]
         )
+    if repeat_infected_smear > 1:
+        rare = frame[(frame["source"] == SMEAR) & (labels_of(frame) == 1)]
+        frame = pd.concat([frame, *[rare] * (repeat_infected_smear - 1)])
     frame = frame.reset_index(drop=True)
-    images = load_arrays([root / p for p in frame["path"]], spec, desc=f"loading {split}")
+    images = load_arrays(image_paths(frame, roots), spec, desc=f"loading {split}")
     return SplitData(frame, images, labels_of(frame))
+
+
+def metrics_by_source(prefix: str, data: SplitData, probability: np.ndarray, threshold: float) -> dict[str, float]:
+    """``{prefix}_{metric}`` over all images, and ``{prefix}_{source}_{metric}`` per source when there are several."""
+    metrics = {
+        f"{prefix}_{k}": v for k, v in evaluation.classification_metrics(data.labels, probability, threshold).items()
+    }
+    sources = data.frame["source"].to_numpy()
+    if len(set(sources)) > 1:
+        for source in sorted(set(sources)):
+            mask = sources == source
+            per_source = evaluation.classification_metrics(data.labels[mask], probability[mask], threshold)
+            metrics |= {f"{prefix}_{source}_{k}": v for k, v in per_source.items()}
+    return metrics
 
 
 def predict_probability(model, images: np.ndarray, spec: ModelSpec, batch_size: int = 256) -> np.ndarray:
@@ -58,14 +95,16 @@ def predict_probability(model, images: np.ndarray, spec: ModelSpec, batch_size: 
     return spec.probability_positive(np.concatenate(outputs) if outputs else np.empty((0, 1)))
 
 
-def validation_scorer(settings: Settings, root: Path, val_data: SplitData) -> Callable[[RegisteredVersion], float]:
+def validation_scorer(
+    settings: Settings, roots: dict[str, Path], val_data: SplitData
+) -> Callable[[RegisteredVersion], float]:
     """The gate metric of a registered version on ``val_data``: how a champion validated elsewhere is compared."""
 
     def score(version: RegisteredVersion) -> float:
         model, _ = load_keras_model(settings, version.version)
         images = val_data.images
         if images.shape[1] != version.spec.image_size:
-            images = load_arrays([root / p for p in val_data.frame["path"]], version.spec, desc="loading val")
+            images = load_arrays(image_paths(val_data.frame, roots), version.spec, desc="loading val")
         probabilities = predict_probability(model, images, version.spec)
         metrics = evaluation.classification_metrics(val_data.labels, probabilities, version.spec.threshold)
         return metrics[settings.gate_metric.removeprefix("val_")]
@@ -157,14 +196,16 @@ def train(settings: Settings, force: bool = False) -> RegisteredVersion:
     if not settings.splits_path.is_file():
         prepare(settings)
     manifest = read_manifest(settings.splits_path)
-    root = ensure_dataset(settings)
+    roots = source_roots(settings)
     profile = resolve_profile(settings)
-    spec = ModelSpec(image_size=profile.image_size)
+    sources = sorted({cell_source(roots[NIH]) if s == NIH else s for s in manifest["source"]})
+    spec = ModelSpec(image_size=profile.image_size, training_sources=sources)
     limit = settings.max_train_images
 
-    train_data = load_split(manifest, root, "train", spec, limit, settings.seed)
-    val_data = load_split(manifest, root, "val", spec, limit, settings.seed)
-    test_data = load_split(manifest, root, "test", spec, limit, settings.seed)
+    repeat = settings.smear_infected_repeat
+    train_data = load_split(manifest, roots, "train", spec, limit, settings.seed, repeat_infected_smear=repeat)
+    val_data = load_split(manifest, roots, "val", spec, limit, settings.seed)
+    test_data = load_split(manifest, roots, "test", spec, limit, settings.seed)
     logger.info(
         "images: train %d, val %d, test %d (%d/%d/%d patients)",
         len(train_data.labels),
@@ -182,11 +223,8 @@ def train(settings: Settings, force: bool = False) -> RegisteredVersion:
     val_p = spec.probability_positive(val_raw.reshape(-1, 1))
     test_p = predict_probability(model, test_data.images, spec)
     metrics = {
-        **{f"val_{k}": v for k, v in evaluation.classification_metrics(val_data.labels, val_p, spec.threshold).items()},
-        **{
-            f"test_{k}": v
-            for k, v in evaluation.classification_metrics(test_data.labels, test_p, spec.threshold).items()
-        },
+        **metrics_by_source("val", val_data, val_p, spec.threshold),
+        **metrics_by_source("test", test_data, test_p, spec.threshold),
         "train_seconds": train_seconds,
     }
     logger.info(
@@ -212,7 +250,8 @@ def train(settings: Settings, force: bool = False) -> RegisteredVersion:
         "train_images": len(train_data.labels),
         "val_images": len(val_data.labels),
         "test_images": len(test_data.labels),
-        "data_source": str(root),
+        "data_source": str(roots["nih"]),
+        "sources": ",".join(sources),
     }
     record = log_model_version(
         model,
@@ -224,7 +263,7 @@ def train(settings: Settings, force: bool = False) -> RegisteredVersion:
         artifacts_dir=artifacts,
         force=force,
         version_tags={VALIDATION_SET_TAG: images_fingerprint(val_data.frame), SPLIT_TAG: images_fingerprint(manifest)},
-        rescore_champion=validation_scorer(settings, root, val_data),
+        rescore_champion=validation_scorer(settings, roots, val_data),
     )
     logger.info(
         "registered %s version %s%s in %.0fs",

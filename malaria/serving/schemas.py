@@ -44,3 +44,4 @@ class ModelInfo(BaseModel):
     threshold: float
     refer_band: tuple[float, float]
     temperature: float
+    training_sources: list[str] = Field(description="nih, smear, synthetic (a demo model: not for real samples).")

@@ -59,26 +59,32 @@ def capture_number(name: str) -> int:
     return int(digits[-1]) if digits else 0
 
 
+CAPTURE_BLOCK = 10  # fields per capture block, the unit of the split
+
+
+def capture_blocks(names: list[str], block: int = CAPTURE_BLOCK) -> dict[str, int]:
+    """Each field's capture block: contiguous runs of ``block`` fields in file-number order."""
+    ordered = sorted(names, key=lambda n: (capture_number(n), n))
+    return {name: i // block for i, name in enumerate(ordered)}
+
+
 def split_fields(
-    names: list[str], seed: int, block: int = 10, fractions: tuple[float, float] = (0.15, 0.15)
+    names: list[str], seed: int, block: int = CAPTURE_BLOCK, fractions: tuple[float, float] = (0.15, 0.15)
 ) -> dict[str, str]:
-    """Split fields by capture run: contiguous blocks of ``block`` fields in file-number order, each
-    block wholly in train, val or test.
+    """Split fields by capture run: each capture block wholly in train, val or test.
 
     There are no patient or slide ids in the shared set; neighbouring captures come from the same
     slide area, so blocks (not single fields) keep near-duplicates on one side.
     """
-    ordered = sorted(names, key=lambda n: (capture_number(n), n))
-    blocks = [ordered[i : i + block] for i in range(0, len(ordered), block)]
-    order = np.random.default_rng(seed).permutation(len(blocks))
-    n_val = max(1, round(fractions[0] * len(blocks))) if len(blocks) >= 3 else 0
-    n_test = max(1, round(fractions[1] * len(blocks))) if len(blocks) >= 3 else 0
-    split: dict[str, str] = {}
+    blocks = capture_blocks(names, block)
+    n_blocks = max(blocks.values(), default=-1) + 1
+    order = np.random.default_rng(seed).permutation(n_blocks)
+    n_val = max(1, round(fractions[0] * n_blocks)) if n_blocks >= 3 else 0
+    n_test = max(1, round(fractions[1] * n_blocks)) if n_blocks >= 3 else 0
+    part_of_block = {}
     for rank, index in enumerate(order):
-        part = "test" if rank < n_test else "val" if rank < n_test + n_val else "train"
-        for name in blocks[index]:
-            split[name] = part
-    return split
+        part_of_block[int(index)] = "test" if rank < n_test else "val" if rank < n_test + n_val else "train"
+    return {name: part_of_block[b] for name, b in blocks.items()}
 
 
 def iou_matrix(a: np.ndarray, b: np.ndarray) -> np.ndarray:

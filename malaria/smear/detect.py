@@ -30,6 +30,8 @@ NUCLEUS_RATIO = (
 )
 PEAK_SPACING = 0.2  # cell centres at least this many diameters apart (watershed seeds)
 PEAK_HEIGHT = 0.2  # a seed lies at least this many diameters inside the foreground
+RIDGE_WIDTH = 0.25  # lighter lines narrower than this many diameters separate packed cells
+RIDGE_CONTRAST = 0.2  # ... when lighter than their surroundings by this share of the cell contrast
 MIN_CONTRAST = 12.0  # green levels between background and the Otsu threshold: below, nothing is stained
 MIN_CELLS = 20  # fewer counted cells: not a usable field
 # Edge sharpness: the mean gradient on cell outlines over the cell-to-background contrast, per working
@@ -86,6 +88,14 @@ def _nucleus_stain(green: np.ndarray, cells: np.ndarray, background_level: float
     return green < cell_level - max(30.0, 0.6 * (background_level - cell_level))
 
 
+def small_hole_mask(mask: np.ndarray, expected_area: float) -> np.ndarray:
+    """Holes of ``mask`` smaller than half a cell (a red cell's pale centre), not the gaps inside a clump."""
+    holes = ndi.binary_fill_holes(mask) & ~mask
+    hole_labels, _ = ndi.label(holes)
+    hole_sizes = np.bincount(hole_labels.ravel())
+    return (hole_sizes < 0.5 * expected_area)[hole_labels] & (hole_labels > 0)
+
+
 def detect_cells(rgb: np.ndarray, cell_diameter_px: float) -> FieldDetection:
     """Find and judge every object of a field image (``rgb``: uint8, height x width x 3)."""
     height, width = rgb.shape[:2]
@@ -104,18 +114,19 @@ def detect_cells(rgb: np.ndarray, cell_diameter_px: float) -> FieldDetection:
     if background_level - threshold < MIN_CONTRAST or stained.mean() > 0.9:
         return FieldDetection([], (width, height), 0.0, False, "no cells found: no stained objects on a background")
     stained = ndi.binary_opening(stained, iterations=1)
-    holes = ndi.binary_fill_holes(stained) & ~stained
-    hole_labels, _ = ndi.label(holes)
-    hole_sizes = np.bincount(hole_labels.ravel())
-    small_hole = (hole_sizes < 0.5 * expected_area)[hole_labels] & (hole_labels > 0)
-    foreground = stained | small_hole
+    foreground = stained | small_hole_mask(stained, expected_area)
 
     edges = np.hypot(ndi.sobel(green, 0), ndi.sobel(green, 1)) / 8
     boundary = foreground ^ ndi.binary_erosion(foreground)
     contrast = max(background_level - float(np.median(green[foreground])), MIN_CONTRAST)
     sharpness = float(edges[boundary].mean()) / contrast if boundary.any() else 0.0
 
-    distance = ndi.distance_transform_edt(foreground)
+    # Cells packed edge to edge touch along thin lines lighter than both: cut the mask along them
+    # (a white top-hat narrower than a quarter cell) before the distance transform.
+    ridges = green - ndi.grey_opening(green, size=max(3, int(diameter * RIDGE_WIDTH)))
+    split_mask = foreground & ~(ridges > RIDGE_CONTRAST * contrast)
+    split_mask = split_mask | (ndi.binary_fill_holes(split_mask) & small_hole_mask(split_mask, expected_area))
+    distance = ndi.distance_transform_edt(split_mask)
     peaks = peak_local_max(
         ndi.gaussian_filter(distance, 1.0),
         min_distance=max(2, int(diameter * PEAK_SPACING)),
@@ -125,7 +136,7 @@ def detect_cells(rgb: np.ndarray, cell_diameter_px: float) -> FieldDetection:
     )
     markers = np.zeros(distance.shape, np.int32)
     markers[tuple(peaks.T)] = np.arange(1, len(peaks) + 1)
-    labels = watershed(-distance, markers, mask=foreground)
+    labels = watershed(-ndi.distance_transform_edt(foreground) - distance, markers, mask=foreground)
 
     nucleus = _nucleus_stain(green, foreground, background_level)
     regions: list[Region] = []

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from malaria.bento import load_stored_keras, stored_spec
-from malaria.data import ensure_dataset, images_fingerprint, read_manifest
+from malaria.data import images_fingerprint, read_manifest, source_roots
 from malaria.evaluate import other_split_warning
 from malaria.registry import (
     SPLIT_TAG,
@@ -110,9 +110,9 @@ def test_a_champion_validated_on_other_images_is_scored_again_on_the_new_ones(ch
 def test_rescoring_a_version_on_its_own_validation_images_gives_its_recorded_score(champion):
     settings, record, _ = champion
     manifest = read_manifest(settings.splits_path)
-    val = load_split(manifest, ensure_dataset(settings), "val", record.spec, settings.max_train_images, settings.seed)
+    val = load_split(manifest, source_roots(settings), "val", record.spec, settings.max_train_images, settings.seed)
     assert images_fingerprint(val.frame) == record.tags[VALIDATION_SET_TAG]
-    score = validation_scorer(settings, ensure_dataset(settings), val)(get_version(settings, record.version))
+    score = validation_scorer(settings, source_roots(settings), val)(get_version(settings, record.version))
     assert score == pytest.approx(record.metrics[settings.gate_metric], abs=1e-6)
 
 

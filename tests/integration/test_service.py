@@ -86,6 +86,8 @@ def test_predict_returns_a_complete_prediction(server, cells, champion, expected
     assert body["request_id"] == "req-123" and response.headers["x-request-id"] == "req-123"
     assert body["filename"] == path.name and body["model_version"] == champion[1].version
     assert "x-bentoml-request-id" not in response.headers  # tracing off by default: no span per request
+    # The test champion was trained on generated cells: every answer says so.
+    assert response.headers["x-model-warning"] == "model trained on synthetic data: a demo, not for real samples"
 
 
 def test_classify_keeps_order_and_batch_predict_summarises(server, cells, expected):
@@ -113,6 +115,7 @@ def test_model_info_describes_the_served_model(server, champion):
     assert info["mlflow_version"] == record.version and info["mlflow_run_id"] == record.run_id
     assert info["image_size"] == 32 and info["class_names"] == ["Parasitized", "Uninfected"]
     assert info["threshold"] == record.spec.threshold and "test_roc_auc" in info["metrics"]
+    assert info["training_sources"] == ["synthetic"] == record.spec.training_sources
 
 
 def batch_histogram(server) -> tuple[str, dict[str, float]]:

@@ -33,11 +33,11 @@ def test_a_capped_split_keeps_both_classes_in_equal_numbers(settings_factory, tm
     settings = settings_factory(data_dir=root)
     frame, _ = scan_dataset(root, settings)
     frame["split"] = "train"
-    part = load_split(frame, root, "train", ModelSpec(image_size=32), limit=8, seed=0)
+    part = load_split(frame, {"nih": root}, "train", ModelSpec(image_size=32), limit=8, seed=0)
     assert part.frame["label"].value_counts().to_dict() == {"Parasitized": 4, "Uninfected": 4}
     assert part.images.shape == (8, 32, 32, 3)
     assert part.labels.sum() == 4  # labels follow the rows that were drawn
-    again = load_split(frame, root, "train", ModelSpec(image_size=32), limit=8, seed=0)
+    again = load_split(frame, {"nih": root}, "train", ModelSpec(image_size=32), limit=8, seed=0)
     assert part.frame["path"].tolist() == again.frame["path"].tolist()
 
 
