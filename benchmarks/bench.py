@@ -45,6 +45,50 @@ def sample_images(n: int = 256) -> list[bytes]:
     return [paths[i].read_bytes() for i in rng.choice(len(paths), size=min(n, len(paths)), replace=False)]
 
 
+def sample_fields(n: int = 12) -> list[bytes]:
+    """Smear field images (JPEG bytes): MALARIA_SMEAR_DIR's when set, else generated 1280x960 fields."""
+    import io
+
+    from malaria.smear.synthetic import synthetic_field
+
+    root = os.environ.get("MALARIA_SMEAR_DIR")
+    if root:
+        paths = sorted((Path(root) / "images").glob("*.JPG"))
+        return [p.read_bytes() for p in paths[:: max(1, len(paths) // n)][:n]]
+    fields = []
+    for seed in range(n):
+        buffer = io.BytesIO()
+        synthetic_field(1280, 960, diameter=80, n_free=60, n_pairs=10, seed=seed).image.save(buffer, "JPEG")
+        fields.append(buffer.getvalue())
+    return fields
+
+
+def field_time_shares(url: str, fields: list[bytes]) -> dict:
+    """Where a field's time goes (the service's own timing of each stage), sequential requests."""
+    import httpx
+
+    totals = {"detect_ms": 0.0, "crop_ms": 0.0, "model_ms": 0.0, "total_ms": 0.0}
+    cells = 0
+    for data in fields:
+        answer = httpx.post(f"{url}/analyze_smear", files={"image": ("f.jpg", data)}, timeout=120).json()
+        cells += len(answer["cells"])
+        for key in totals:
+            totals[key] += answer["timing"][key]
+    total = totals.pop("total_ms")
+    shares = {f"{key.removesuffix('_ms')}_share": round(value / total, 3) for key, value in totals.items()}
+    return {"mean_total_ms": round(total / len(fields), 1), "mean_cells": round(cells / len(fields), 1), **shares}
+
+
+async def predict_beside_fields(url: str, images: list[bytes], fields: list[bytes]) -> tuple[dict, dict]:
+    """/predict at concurrency 8 while one client analyses fields back to back: does a field starve cells?"""
+    return tuple(
+        await asyncio.gather(
+            load(url, "predict", "image", images, 8),
+            load(url, "analyze_smear", "image", fields, 1),
+        )
+    )
+
+
 def in_process_limit(images: list[bytes], batch_size: int) -> float:
     """Images/s of decode + preprocessing + the service's compiled inference call, no HTTP.
 
@@ -218,6 +262,18 @@ def main() -> None:
         multi = asyncio.run(load(server.url, "classify", "images", images, MULTI_CONCURRENCY, MULTI_PER_REQUEST))
         print(f"  batching /classify {multi}", flush=True)
         results["runs"].append({"service": "batching", **multi})
+        fields = sample_fields()
+        alone = asyncio.run(load(server.url, "analyze_smear", "image", fields, 1))
+        results["smear"] = {"fields_per_s": alone["images_per_s"], "field_p50_ms": alone["p50_ms"]}
+        results["smear"] |= field_time_shares(server.url, fields)
+        beside, during = asyncio.run(predict_beside_fields(server.url, images, fields))
+        results["smear"] |= {
+            "predict_c8_p99_ms_beside_fields": beside["p99_ms"],
+            "predict_c8_images_per_s_beside_fields": beside["images_per_s"],
+            "fields_per_s_beside_predict": during["images_per_s"],
+            "errors": beside["errors"] + during["errors"] + alone["errors"],
+        }
+        print(f"  smear {results['smear']}", flush=True)
     finally:
         server.stop()
 
@@ -254,6 +310,9 @@ def main() -> None:
         "c64_over_c32": round(batched[64]["images_per_s"] / batched[32]["images_per_s"], 3),
         "p99_over_p50_at_c8": round(batched[8]["p99_ms"] / batched[8]["p50_ms"], 2),
         "model_batching_gain_per_worker": round(worker_model[str(max_batch)] / worker_model["1"], 3),
+        "predict_p99_beside_fields_over_alone_c8": round(
+            results["smear"]["predict_c8_p99_ms_beside_fields"] / batched[8]["p99_ms"], 2
+        ),
         "errors": {f"{r['service']} {r['route']} c={r['concurrency']}": r["errors"] for r in results["runs"]},
     }
     (OUT / "results.json").write_text(json.dumps(results, indent=2) + "\n")
@@ -279,12 +338,16 @@ def write_table(results: dict) -> None:
         for k, rates in results.get("model_only", {}).items()
     )
     ratios = "\n".join(f"| {k} | {v} |" for k, v in results["ratios"].items() if k != "errors")
+    smear = results.get("smear", {})
+    smear_rows = "\n".join(f"| {k} | {v} |" for k, v in smear.items())
     text = (OUT / "README.md").read_text()
     table = (
         f"<!-- results:start -->\nIn-process limit ({limit}).\n\n"
         + (f"Model call alone, images/s ({model_only}).\n\n" if model_only else "")
         + "\n".join(lines)
-        + f"\n\n| ratio | value |\n|---|---|\n{ratios}\n<!-- results:end -->"
+        + f"\n\n| ratio | value |\n|---|---|\n{ratios}\n"
+        + (f"\nSmear fields (`/analyze_smear`):\n\n| smear | value |\n|---|---|\n{smear_rows}\n" if smear else "")
+        + "<!-- results:end -->"
     )
     text = re.sub(r"<!-- results:start -->.*<!-- results:end -->", table, text, flags=re.S)
     (OUT / "README.md").write_text(text)

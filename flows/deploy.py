@@ -13,6 +13,7 @@ from flows.batch_predict import batch_predict_flow
 from flows.drift import drift_flow
 from flows.evaluate import evaluate_flow
 from flows.pipeline import training_pipeline
+from flows.smear_report import smear_report_flow
 
 
 def deployments():
@@ -21,6 +22,7 @@ def deployments():
         evaluate_flow.to_deployment(name="evaluate-weekly", cron="0 7 * * 1"),
         training_pipeline.to_deployment(name="training-pipeline"),
         batch_predict_flow.to_deployment(name="batch-predict"),
+        smear_report_flow.to_deployment(name="smear-report"),
     ]
 
 

@@ -22,6 +22,8 @@ app = typer.Typer(
 )
 data_app = typer.Typer(help="Locate, validate, split and report on the cell images.", no_args_is_help=True)
 app.add_typer(data_app, name="data")
+docs_app = typer.Typer(help="Regenerate the generated parts of the docs.", no_args_is_help=True)
+app.add_typer(docs_app, name="docs")
 smear_app = typer.Typer(help="Smear fields: analyse slides, evaluate against annotated fields.", no_args_is_help=True)
 app.add_typer(smear_app, name="smear")
 
@@ -460,3 +462,40 @@ def smear_evaluate(
     if out is not None:
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(json.dumps({"summary": summary, "fields": scores_table(scores)}, indent=2))
+
+
+@docs_app.command("settings")
+def docs_settings(
+    markdown: Annotated[Path, typer.Argument(help="The page holding the settings table.")] = Path("docs/serving.md"),
+    check: Annotated[bool, typer.Option(help="Only check: exit 1 if the table is stale.")] = False,
+) -> None:
+    """Write the settings table (every MALARIA_* variable, its default and meaning) from malaria/config.py."""
+    from malaria.config import settings_table, write_settings_table
+
+    if check:
+        if settings_table() not in markdown.read_text():
+            _fail(f"the settings table in {markdown} is stale: run `malaria docs settings`")
+        typer.echo(f"{markdown}: settings table up to date")
+        return
+    changed = write_settings_table(markdown)
+    typer.echo(f"{markdown}: settings table {'rewritten' if changed else 'already up to date'}")
+
+
+@app.command("model-card")
+def model_card(
+    out: Annotated[Path, typer.Option(help="Where to write the card.")] = Path("docs/model-card.md"),
+    version: Annotated[str | None, typer.Option(help="Default: @champion.")] = None,
+    smear_eval: Annotated[
+        Path | None, typer.Option(help="A `malaria smear evaluate --out` file to include (field-level figures).")
+    ] = None,
+) -> None:
+    """Write the model card of a registered version from the registry (and a smear evaluation)."""
+    from malaria.model_card import render
+    from malaria.registry import get_version
+
+    settings = _settings()
+    record = _guarded(lambda: get_version(settings, version))
+    evaluation = json.loads(smear_eval.read_text()) if smear_eval else None
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(render(record, evaluation))
+    typer.echo(f"model card of {record.name} v{record.version}: {out}")

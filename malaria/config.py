@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from functools import lru_cache
 from pathlib import Path
 from typing import Literal
@@ -37,30 +38,45 @@ class Settings(BaseSettings):
     # Data
     data_dir: Path | None = Field(default=None, description="Folder in the NIH layout (Parasitized/, Uninfected/).")
     workspace_data_dir: Path = Field(default=Path("data"), description="DVC-tracked data folder.")
-    nih_archive_url: str = "https://data.lhncbc.nlm.nih.gov/public/Malaria/cell_images.zip"
+    nih_archive_url: str = Field(
+        default="https://data.lhncbc.nlm.nih.gov/public/Malaria/cell_images.zip",
+        description="Where `malaria data fetch` downloads the NIH cell images from.",
+    )
     nih_archive_sha256: str | None = Field(
         default=None, description="Expected SHA-256 of the NIH archive; unset = trust on first download."
     )
-    synthetic_per_class: int = 400
+    synthetic_per_class: int = Field(
+        default=400, description="Images per class of the generated demo set (when no real data is found)."
+    )
     allow_synthetic: bool = Field(
         default=True, description="Fall back to a generated data set when no real one is found (false for releases)."
     )
-    min_image_side: int = 16
-    max_image_side: int = 2048
+    min_image_side: int = Field(
+        default=16, description="Training images with a side below this many pixels are skipped by validation."
+    )
+    max_image_side: int = Field(
+        default=2048, description="Training images with a side above this many pixels are skipped by validation."
+    )
 
     # Split and training
     seed: int = Field(default=42, description="Seed of the patient split, and of training unless train_seed is set.")
     train_seed: int | None = Field(
         default=None, description="Seed of initialisation, shuffling and augmentation; unset = seed (same split)."
     )
-    val_fraction: float = 0.15
-    test_fraction: float = 0.15
-    profile: Profile = "quick"
+    val_fraction: float = Field(
+        default=0.15,
+        description="Share of patients held out for validation (threshold, calibration, the champion gate).",
+    )
+    test_fraction: float = Field(default=0.15, description="Share of patients held out for the test metrics.")
+    profile: Profile = Field(
+        default="quick",
+        description="Training recipe: quick (64 px, quarter-width VGG16, 20 epochs) or full (see malaria/model.py).",
+    )
     image_size: int | None = Field(default=None, description="Override the profile's input size.")
     epochs: int | None = Field(default=None, description="Override the profile's epoch count.")
     width: float | None = Field(default=None, gt=0, description="Override the profile's width (1.0 = VGG16's filters).")
-    batch_size: int = 64
-    learning_rate: float | None = None
+    batch_size: int = Field(default=64, description="Training batch size.")
+    learning_rate: float | None = Field(default=None, description="Override the profile's peak learning rate.")
     weight_decay: float | None = Field(default=None, ge=0, description="Override the profile's AdamW weight decay.")
     deterministic: bool = Field(
         default=True,
@@ -68,37 +84,69 @@ class Settings(BaseSettings):
         "give the same model. Process-wide: false cannot undo an earlier deterministic training in the process.",
     )
     max_train_images: int | None = Field(default=None, description="Cap per split, for smoke runs.")
-    artifacts_dir: Path = Path("training_artifacts")
+    artifacts_dir: Path = Field(
+        default=Path("training_artifacts"),
+        description="Where a training run writes the model, spec, metrics and plots.",
+    )
 
     # Registry
     mlflow_tracking_uri: str = Field(
         default="sqlite:///mlflow.db",
+        description="MLflow tracking store (also read from MLFLOW_TRACKING_URI).",
         validation_alias=AliasChoices("MLFLOW_TRACKING_URI", "MALARIA_MLFLOW_TRACKING_URI"),
     )
-    mlflow_artifact_root: Path = Path("mlartifacts")
-    experiment_name: str = "malaria"
-    registered_model_name: str = "malaria-classifier"
-    champion_alias: str = "champion"
-    gate_metric: str = "val_roc_auc"
-    bento_model_name: str = "malaria-classifier"
+    mlflow_artifact_root: Path = Field(
+        default=Path("mlartifacts"), description="Artifact folder of a new MLflow experiment on a local tracking store."
+    )
+    experiment_name: str = Field(default="malaria", description="MLflow experiment of the training runs.")
+    registered_model_name: str = Field(default="malaria-classifier", description="MLflow registered model name.")
+    champion_alias: str = Field(default="champion", description="MLflow alias of the served version.")
+    gate_metric: str = Field(
+        default="val_roc_auc", description="Validation metric the champion gate compares (higher is better)."
+    )
+    bento_model_name: str = Field(
+        default="malaria-classifier",
+        description="Name of the model in the BentoML store (what the service loads, :latest).",
+    )
 
     # Serving
-    gpu: bool = False
+    gpu: bool = Field(
+        default=False,
+        description="Serve on a GPU: resources={'gpu': 1} and TensorFlow memory growth; the service warns when "
+        "TensorFlow sees none (build with `make bento-gpu`).",
+    )
     # Tuned for 2 CPUs (`make bench`): one worker per core, each with its own model and batcher,
     # beat one worker with two TensorFlow threads (HTTP handling is per-process Python work).
-    workers: int = 2
-    tf_intra_op_threads: int = 1
-    tf_inter_op_threads: int = 1
+    workers: int = Field(
+        default=2,
+        description="Service worker processes, each with its own model and batcher (1 with a GPU).",
+    )
+    tf_intra_op_threads: int = Field(
+        default=1, description="TensorFlow intra-op threads per worker (workers x threads = cores)."
+    )
+    tf_inter_op_threads: int = Field(default=1, description="TensorFlow inter-op threads per worker.")
     batching: bool = Field(default=True, description="Adaptive batching of model calls (off: one call per request).")
-    max_batch_size: int = 64
-    max_latency_ms: int = 5000
-    traffic_timeout_s: int = 60
+    max_batch_size: int = Field(
+        default=64,
+        description="Largest model call of the adaptive batcher (a smear field's cells go in chunks of this size).",
+    )
+    max_latency_ms: int = Field(
+        default=5000,
+        description="Adaptive batching's latency budget; a small one turns load into 503s on 2 CPUs (200 ms did).",
+    )
+    traffic_timeout_s: int = Field(default=60, description="BentoML's request timeout (504 after it).")
     max_requests_per_connection: int = Field(
         default=16, description="Close a keep-alive connection after this many requests (0: never)."
     )
-    max_image_bytes: int = 10 * 1024 * 1024
-    max_image_pixels: int = 25_000_000
-    max_images_per_request: int = 64
+    max_image_bytes: int = Field(
+        default=10 * 1024 * 1024, description="Largest cell image file on /predict, /classify, /batch_predict."
+    )
+    max_image_pixels: int = Field(
+        default=25_000_000, description="Largest cell image in pixels (a decompression-bomb guard)."
+    )
+    max_images_per_request: int = Field(
+        default=64, description="Most files in one /classify or /batch_predict request."
+    )
 
     # Smear fields
     smear_dir: Path | None = Field(
@@ -157,11 +205,14 @@ class Settings(BaseSettings):
         "worker's CPU.",
     )
     api_token: str | None = Field(default=None, description="Bearer token; auth is on when set.")
-    prediction_log_dir: Path = Path("logs/predictions")
+    prediction_log_dir: Path = Field(
+        default=Path("logs/predictions"),
+        description="Folder of the JSON-lines prediction log (one file per day and worker).",
+    )
 
     # Logging
-    log_level: str = "INFO"
-    log_dir: Path = Path("logs")
+    log_level: str = Field(default="INFO", description="Log level of the malaria loggers.")
+    log_dir: Path = Field(default=Path("logs"), description="Folder of malaria.log (unset: console only).")
 
     @property
     def training_seed(self) -> int:
@@ -186,3 +237,42 @@ class Settings(BaseSettings):
 def get_settings() -> Settings:
     """The process-wide settings (tests build their own ``Settings``)."""
     return Settings()
+
+
+SETTINGS_TABLE_START, SETTINGS_TABLE_END = "<!-- settings-table:start -->", "<!-- settings-table:end -->"
+
+
+def _env_name(name: str, field) -> str:
+    aliases = getattr(field.validation_alias, "choices", None) or []
+    return " or ".join(f"`{a}`" for a in aliases) if aliases else f"`MALARIA_{name.upper()}`"
+
+
+def _default_text(field) -> str:
+    default = field.default_factory() if field.default_factory else field.default
+    if default is None:
+        return "unset"
+    if isinstance(default, bool):
+        return f"`{str(default).lower()}`"
+    if isinstance(default, Path):
+        return f"`{default.as_posix()}`"
+    if isinstance(default, dict):
+        return "`" + json.dumps(default) + "`"
+    return f"`{default}`"
+
+
+def settings_table() -> str:
+    """The markdown table of every setting, from the fields' descriptions (``malaria docs settings``)."""
+    rows = ["| variable | default | meaning |", "|---|---|---|"]
+    for name, field in Settings.model_fields.items():
+        rows.append(f"| {_env_name(name, field)} | {_default_text(field)} | {field.description} |")
+    return "\n".join(rows)
+
+
+def write_settings_table(markdown: Path) -> bool:
+    """Replace the table between the markers in ``markdown``; True if the file changed."""
+    text = markdown.read_text()
+    start, end = text.index(SETTINGS_TABLE_START), text.index(SETTINGS_TABLE_END)
+    new = text[: start + len(SETTINGS_TABLE_START)] + "\n" + settings_table() + "\n" + text[end:]
+    if new != text:
+        markdown.write_text(new)
+    return new != text

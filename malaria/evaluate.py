@@ -17,10 +17,11 @@ from malaria.config import Settings
 from malaria.data import images_fingerprint, read_manifest, source_roots
 from malaria.registry import SPLIT_TAG, RegisteredVersion, client, load_keras_model, update_spec
 from malaria.spec import ModelSpec
-from malaria.train import load_split, predict_probability
+from malaria.train import load_split, metrics_by_source, predict_probability
 
 logger = logging.getLogger(__name__)
 
+SOURCE_ROWS = ("accuracy", "sensitivity", "specificity", "roc_auc")
 METRIC_ROWS = ("accuracy", "precision", "sensitivity", "specificity", "f1", "roc_auc", "pr_auc", "ece")
 
 
@@ -37,6 +38,12 @@ class EvaluationResult:
         rows = [f"| {name} | {self.metrics[name]:.4f} |" for name in METRIC_ROWS]
         rows.append(f"| referred to a person | {self.referred_fraction:.2%} |")
         rows.append(f"| accuracy of the cells not referred | {self.metrics['accuracy_decided']:.4f} |")
+        for source in ("nih", "smear"):  # per source, when the test split holds several
+            rows += [
+                f"| {source}: {name} | {self.metrics[f'{source}_{name}']:.4f} |"
+                for name in SOURCE_ROWS
+                if f"{source}_{name}" in self.metrics
+            ]
         return "\n".join(["| metric (test, unseen patients) | value |", "|---|---|", *rows])
 
 
@@ -126,7 +133,7 @@ def evaluate_model(
     spec = record.spec.model_copy(update={"threshold": threshold, "refer_band": band})
 
     test_p = predict_probability(model, test.images, spec)
-    metrics = evaluation.classification_metrics(test.labels, test_p, spec.threshold)
+    metrics = metrics_by_source("", test, test_p, spec.threshold)
     referred_mask = np.array([spec.decision(p) == "refer" for p in test_p])
     referred = float(referred_mask.mean())
     decided = ~referred_mask

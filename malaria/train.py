@@ -75,16 +75,22 @@ def load_split(
 
 
 def metrics_by_source(prefix: str, data: SplitData, probability: np.ndarray, threshold: float) -> dict[str, float]:
-    """``{prefix}_{metric}`` over all images, and ``{prefix}_{source}_{metric}`` per source when there are several."""
-    metrics = {
-        f"{prefix}_{k}": v for k, v in evaluation.classification_metrics(data.labels, probability, threshold).items()
-    }
+    """``{prefix}_{metric}`` over all images, and ``{prefix}_{source}_{metric}`` per source when there are several.
+
+    An empty prefix gives ``{metric}`` and ``{source}_{metric}``.
+    """
+
+    def name(*parts: str) -> str:
+        return "_".join(p for p in parts if p)
+
+    overall = evaluation.classification_metrics(data.labels, probability, threshold)
+    metrics = {name(prefix, k): v for k, v in overall.items()}
     sources = data.frame["source"].to_numpy()
     if len(set(sources)) > 1:
         for source in sorted(set(sources)):
             mask = sources == source
             per_source = evaluation.classification_metrics(data.labels[mask], probability[mask], threshold)
-            metrics |= {f"{prefix}_{source}_{k}": v for k, v in per_source.items()}
+            metrics |= {name(prefix, source, k): v for k, v in per_source.items()}
     return metrics
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+import re
 from pathlib import Path
 
 import httpx
@@ -199,3 +200,26 @@ def test_field_log_has_one_line_per_answered_field(server, field):
         lines, counted = logged_and_counted()
     assert lines and len(lines) == counted
     assert all({"request_id", "model_version", "usable", "cells", "parasitized"} <= set(line) for line in lines)
+
+
+def test_smear_report_flow_writes_a_slide_report(server, tmp_path, prefect_harness):
+    from flows.smear_report import smear_report_flow
+
+    slide = tmp_path / "slide-3"
+    slide.mkdir()
+    for seed in (4, 5):
+        (slide / f"f{seed}.jpg").write_bytes(jpeg(synthetic_field(seed=seed).image))
+    (slide / "broken.jpg").write_bytes(b"\xff\xd8 not really")
+    out = tmp_path / "report"
+    report = smear_report_flow([slide], url=server.url, out_dir=out, min_cells=50)
+    summary = report["slides"]["slide-3"]["summary"]
+    assert summary["cells"] == 60 and summary["enough_cells"] and summary["rejected_files"] == 1
+    markdown = (out / "report.md").read_text()
+    assert "## Slide `slide-3`" in markdown and "rejected:" in markdown and "fewer than" not in markdown
+    page = (out / "report.html").read_text()
+    images = re.findall(r"<img src='([^']+)'", page)
+    assert sorted(images) == ["slide-3/f4.annotated.png", "slide-3/f5.annotated.png"]
+    assert all((out / image).is_file() for image in images)
+    low = smear_report_flow([slide], url=server.url, out_dir=tmp_path / "again", min_cells=1000)
+    assert not low["slides"]["slide-3"]["summary"]["enough_cells"]
+    assert "fewer than 1000 red cells" in (tmp_path / "again" / "report.md").read_text()

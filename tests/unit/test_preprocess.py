@@ -105,3 +105,57 @@ def test_pixel_limit_guards_against_decompression_bombs():
     assert len(bomb) < 100_000
     with pytest.raises(ImageTooLargeError, match="limit"):
         decode_image(bomb, max_pixels=1_000_000)
+
+
+def _encoded(image: Image.Image, fmt: str) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, fmt)
+    return buffer.getvalue()
+
+
+@pytest.mark.parametrize("fmt", ["PNG", "JPEG", "TIFF", "BMP"])
+def test_microscope_formats_are_decoded(fmt):
+    image = decode_image(_encoded(Image.new("RGB", (40, 30), (200, 100, 50)), fmt))
+    assert image.size == (40, 30) and image.mode == "RGB"
+
+
+def test_16_bit_tiff_is_decoded_to_its_range():
+    sixteen = Image.fromarray(np.full((20, 20), 65535 // 2, dtype=np.uint16))
+    image = decode_image(_encoded(sixteen, "TIFF"))
+    assert abs(int(np.asarray(image)[0, 0, 0]) - 127) <= 1
+
+
+@pytest.mark.parametrize("fmt", ["GIF", "WEBP", "ICO", "PPM"])
+def test_other_formats_are_refused_before_decoding(fmt):
+    data = _encoded(Image.new("RGB", (32, 32), (200, 100, 50)), fmt)
+    with pytest.raises(InvalidImageError, match="not a recognised image format .accepted: PNG, JPEG, TIFF, BMP"):
+        decode_image(data)
+
+
+ICO_BOMB = """
+import resource, struct, zlib
+side = 30000  # a 900 Mpx PNG inside an ICO: Pillow's ICO plugin decodes it while opening
+packer, row = zlib.compressobj(9), b"\\0" + bytes(side)
+raw = b"".join(packer.compress(row) for _ in range(side)) + packer.flush()
+chunk = lambda kind, data: struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+png = b"\\x89PNG\\r\\n\\x1a\\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", side, side, 8, 0, 0, 0, 0))
+png += chunk(b"IDAT", raw) + chunk(b"IEND", b"")
+ico = struct.pack("<HHH", 0, 1, 1) + struct.pack("<BBBBHHII", 0, 0, 0, 0, 1, 32, len(png), 22) + png
+from malaria.preprocess import InvalidImageError, decode_image
+used = int(next(l for l in open("/proc/self/status") if l.startswith("VmSize")).split()[1]) * 1024
+resource.setrlimit(resource.RLIMIT_AS, (used + 400_000_000, used + 400_000_000))  # far below 900 MB
+try:
+    decode_image(ico, max_pixels=25_000_000)
+except InvalidImageError as exc:
+    print("refused:", exc)
+"""
+
+
+def test_an_ico_bomb_is_refused_without_decoding_it():
+    """Under a 1.5 GB address-space ceiling: decoding the embedded 900 Mpx image would not fit."""
+    import subprocess
+    import sys
+
+    result = subprocess.run([sys.executable, "-c", ICO_BOMB], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-1500:]
+    assert result.stdout.startswith("refused: not a recognised image format")

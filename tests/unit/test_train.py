@@ -104,3 +104,20 @@ def test_deterministic_training_repeats_the_same_weights(tmp_path):
         "train_seed_used": True,
         "batch_norm_recomputed": True,  # recomputing again changes nothing: fit_model already did it
     }
+
+
+def test_metrics_are_also_given_per_source_when_the_split_mixes_sources():
+    import numpy as np
+    import pandas as pd
+
+    from malaria.train import SplitData, metrics_by_source
+
+    frame = pd.DataFrame({"source": ["nih"] * 4 + ["smear"] * 4})
+    labels = np.array([1, 0, 1, 0, 1, 0, 0, 0], dtype=float)
+    probability = np.array([0.9, 0.1, 0.8, 0.2, 0.9, 0.7, 0.1, 0.2])
+    data = SplitData(frame, np.zeros((8, 1)), labels)
+    metrics = metrics_by_source("test", data, probability, 0.5)
+    assert metrics["test_nih_accuracy"] == 1.0 and metrics["test_smear_specificity"] == 2 / 3
+    assert metrics["test_accuracy"] == 7 / 8 and metrics["test_smear_sensitivity"] == 1.0
+    only_nih = SplitData(frame.iloc[:4], np.zeros((4, 1)), labels[:4])
+    assert not any("nih" in key for key in metrics_by_source("", only_nih, probability[:4], 0.5))
