@@ -115,8 +115,13 @@ class MalariaClassifier:
             max_latency_ms=settings.max_latency_ms,
             observe_batch=batch_size_histogram.observe,
         )
-        self.prediction_log = PredictionLog(settings.prediction_log_dir, prediction_log_dropped_total.inc)
-        self.field_log = PredictionLog(settings.prediction_log_dir, prediction_log_dropped_total.inc, "smear-fields")
+        log_dir, dropped, names = (
+            settings.prediction_log_dir,
+            prediction_log_dropped_total.inc,
+            settings.prediction_log_filenames,
+        )
+        self.prediction_log = PredictionLog(log_dir, dropped, filenames=names)
+        self.field_log = PredictionLog(log_dir, dropped, "smear-fields", filenames=names)
         self._cpu_limiter = None  # created on the event loop, at first use
 
     def _limiter(self):

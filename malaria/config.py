@@ -13,6 +13,7 @@ from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, Settings
 from malaria.spec import check_refer_band
 
 Profile = Literal["quick", "full"]
+FilenamePolicy = Literal["plain", "hashed", "omit"]
 
 
 class Settings(BaseSettings):
@@ -188,6 +189,11 @@ class Settings(BaseSettings):
         default=None, description="Override the model's uncertainty band (low, high) for 'refer'."
     )
 
+    @field_validator("data_dir", "smear_dir", mode="before")
+    @classmethod
+    def _empty_is_unset(cls, value):
+        return None if value == "" else value
+
     @field_validator("refer_band")
     @classmethod
     def _valid_refer_band(cls, band: tuple[float, float] | None) -> tuple[float, float] | None:
@@ -205,6 +211,11 @@ class Settings(BaseSettings):
         "worker's CPU.",
     )
     api_token: str | None = Field(default=None, description="Bearer token; auth is on when set.")
+    prediction_log_filenames: FilenamePolicy = Field(
+        default="hashed",
+        description="Client file names in the prediction log: hashed (sha256, 16 hex digits: the same name gives "
+        "the same hash), plain, or omit. File names often carry patient identifiers.",
+    )
     prediction_log_dir: Path = Field(
         default=Path("logs/predictions"),
         description="Folder of the JSON-lines prediction log (one file per day and worker).",

@@ -11,7 +11,12 @@ _SESSION_DIR = Path(tempfile.mkdtemp(prefix="malaria-tests-"))
 os.environ["BENTOML_HOME"] = str(_SESSION_DIR / "bentoml")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
-os.environ.pop("MALARIA_API_TOKEN", None)
+# No MALARIA_* setting of the calling shell leaks into the tests (or the servers they start); the
+# real-data folders are kept for the real-data tests only.
+REAL_DATA_DIR = os.environ.get("MALARIA_DATA_DIR") or None
+REAL_SMEAR_DIR = os.environ.get("MALARIA_SMEAR_DIR") or None
+for _name in [name for name in os.environ if name.startswith("MALARIA_")]:
+    del os.environ[_name]
 
 import pytest  # noqa: E402
 
@@ -25,6 +30,7 @@ def make_settings(root: Path, **overrides) -> Settings:
     """Settings whose every path lives under ``root``."""
     values = {
         "data_dir": None,
+        "smear_dir": None,
         "workspace_data_dir": root / "data",
         "artifacts_dir": root / "training_artifacts",
         "mlflow_tracking_uri": f"sqlite:///{root / 'mlflow.db'}",

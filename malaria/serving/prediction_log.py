@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import logging
 import os
@@ -12,6 +13,7 @@ from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
 
+from malaria.config import FilenamePolicy
 from malaria.monitoring import image_features_batch
 from malaria.serving.schemas import Prediction
 from malaria.serving.uploads import PreparedImages
@@ -22,9 +24,16 @@ logger = logging.getLogger(__name__)
 class PredictionLog:
     """JSON lines, one per prediction, written by a background thread; one file per day and process."""
 
-    def __init__(self, folder: Path, on_dropped: Callable[[int], None] | None = None, prefix: str = "predictions"):
+    def __init__(
+        self,
+        folder: Path,
+        on_dropped: Callable[[int], None] | None = None,
+        prefix: str = "predictions",
+        filenames: FilenamePolicy = "hashed",
+    ):
         self.folder = folder
         self.prefix = prefix
+        self.filenames = filenames
         self.folder.mkdir(parents=True, exist_ok=True)
         self.dropped = 0  # lines that could not be written (disk full, folder gone, ...)
         self._on_dropped = on_dropped
@@ -46,7 +55,7 @@ class PredictionLog:
                     "label": p.label,
                     "decision": p.decision,
                     "latency_ms": round(latency_ms, 3),
-                    "filename": p.filename,
+                    "filename": self.logged_name(p.filename),
                     **f,
                 }
                 for p, f in zip(predictions, features, strict=True)
@@ -54,8 +63,26 @@ class PredictionLog:
         )
 
     def record_lines(self, lines: list[dict]) -> None:
-        """Queue ready-made log lines (returns at once)."""
-        self._queue.put([{"time": datetime.now(UTC).isoformat(), **line} for line in lines])
+        """Queue ready-made log lines (returns at once); a ``filename`` is logged by the policy."""
+        now = datetime.now(UTC).isoformat()
+        self._queue.put(
+            [
+                {
+                    "time": now,
+                    **line,
+                    **({"filename": self.logged_name(line["filename"])} if "filename" in line else {}),
+                }
+                for line in lines
+            ]
+        )
+
+    def logged_name(self, filename: str | None) -> str | None:
+        """File names often carry patient identifiers: logged as given, as a short hash, or not at all."""
+        if filename is None or self.filenames == "plain":
+            return filename
+        if self.filenames == "hashed":
+            return "sha256:" + hashlib.sha256(filename.encode()).hexdigest()[:16]
+        return None
 
     def _path(self) -> Path:
         return self.folder / f"{self.prefix}-{datetime.now(UTC):%Y-%m-%d}-{os.getpid()}.jsonl"

@@ -28,6 +28,17 @@ class PayloadTooLarge(BentoMLException):
     error_code = HTTPStatus.REQUEST_ENTITY_TOO_LARGE
 
 
+MAX_FILENAME_CHARS = 255
+
+
+def clean_filename(filename: str | None) -> str | None:
+    """The client's file name made safe once, at the boundary: no folder part, no control or unpaired
+    surrogate characters (they forge log lines or break the JSON answer), at most 255 characters."""
+    name = posixpath.basename((filename or "").replace("\\", "/"))
+    name = "".join(c for c in name if c.isprintable() and not 0xD800 <= ord(c) <= 0xDFFF)
+    return name[:MAX_FILENAME_CHARS].strip() or None
+
+
 class ImageUpload(PurePosixPath):
     """One uploaded file as Starlette parsed it (in memory up to 1 MB, spooled to disk above), with
     the client's file name (``filename``, without any folder part) and ``size`` in bytes.
@@ -44,7 +55,7 @@ class ImageUpload(PurePosixPath):
 
     @classmethod
     def of(cls, source: BinaryIO, size: int, filename: str | None = None) -> ImageUpload:
-        name = posixpath.basename(filename or "") or None
+        name = clean_filename(filename)
         upload = cls(name or "upload")
         upload.filename, upload.size, upload._source = name, size, source
         return upload

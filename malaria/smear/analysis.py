@@ -106,7 +106,7 @@ def prepare_field(
 def wilson_percent(positive: int, total: int) -> tuple[float, float]:
     """Wilson score 95 % interval of positive / total, in percent."""
     interval = binomtest(positive, total).proportion_ci(confidence_level=0.95, method="wilson")
-    return round(100 * interval.low, 3), round(100 * interval.high, 3)
+    return round(float(100 * interval.low), 3), round(float(100 * interval.high), 3)
 
 
 def summarise_field(

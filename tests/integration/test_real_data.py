@@ -1,14 +1,13 @@
 """Checks on the real NIH images; they run when MALARIA_DATA_DIR points at them (CI sets it)."""
 
-import os
 from pathlib import Path
 
 import pytest
 
 from malaria.data import scan_dataset, split_by_patient
-from tests.conftest import make_settings
+from tests.conftest import REAL_DATA_DIR, make_settings
 
-DATA_DIR = os.environ.get("MALARIA_DATA_DIR")
+DATA_DIR = REAL_DATA_DIR
 pytestmark = [
     pytest.mark.real_data,
     pytest.mark.skipif(not DATA_DIR or not Path(DATA_DIR).is_dir(), reason="MALARIA_DATA_DIR not set"),

@@ -3,7 +3,6 @@ next to ../shared). The full evaluation through the service is `malaria smear ev
 
 from __future__ import annotations
 
-import os
 import time
 from pathlib import Path
 
@@ -14,8 +13,9 @@ from PIL import Image
 from malaria.smear.annotations import load_annotations, split_fields
 from malaria.smear.detect import detect_cells
 from malaria.smear.evaluation import score_field, summarise_scores
+from tests.conftest import REAL_SMEAR_DIR
 
-SMEAR_DIR = os.environ.get("MALARIA_SMEAR_DIR")
+SMEAR_DIR = REAL_SMEAR_DIR
 pytestmark = [
     pytest.mark.real_data,
     pytest.mark.skipif(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import io
 import json
 import time
@@ -165,3 +166,40 @@ def test_no_upload_is_a_client_error():
 
     with pytest.raises(InvalidArgument, match="no image received"):
         prepare_uploads([], ModelSpec(), Settings())
+
+
+@pytest.mark.parametrize(
+    ("given", "kept"),
+    [
+        ("cell 1.png", "cell 1.png"),
+        ("slide 3/cell 1.png", "cell 1.png"),
+        ("C:\\\\slides\\\\cell.png", "cell.png"),
+        ("evil\nINFO forged log line.png", "evilINFO forged log line.png"),
+        ("bell\x07\x1b[31m.png", "bell[31m.png"),
+        ("lone\ud800surrogate.png", "lonesurrogate.png"),
+        ("x" * 1000 + ".png", "x" * 255),
+        ("\n\t", None),
+        (None, None),
+    ],
+)
+def test_client_file_names_are_made_safe_at_the_boundary(given, kept):
+    from malaria.serving.uploads import clean_filename
+
+    assert clean_filename(given) == kept
+    upload = ImageUpload.of(io.BytesIO(b"x"), 1, given)
+    assert upload.filename == kept
+    json.dumps({"filename": upload.filename}).encode()  # always serialisable
+
+
+@pytest.mark.parametrize("policy", ["hashed", "plain", "omit"])
+def test_prediction_log_keeps_file_names_out_unless_asked(tmp_path, policy):
+    log = PredictionLog(tmp_path, filenames=policy)
+    log.record_lines([{"request_id": "r", "filename": "C12P3_patient_Jane_Doe.png"}, {"request_id": "s"}])
+    log.close()
+    lines = [json.loads(line) for line in next(tmp_path.glob("predictions-*.jsonl")).read_text().splitlines()]
+    expected = {
+        "hashed": "sha256:" + hashlib.sha256(b"C12P3_patient_Jane_Doe.png").hexdigest()[:16],
+        "plain": "C12P3_patient_Jane_Doe.png",
+        "omit": None,
+    }[policy]
+    assert lines[0]["filename"] == expected and "filename" not in lines[1]
