@@ -13,6 +13,7 @@ import logging
 import time
 from typing import Annotated
 
+import anyio
 import bentoml
 import numpy as np
 from PIL import Image
@@ -40,6 +41,7 @@ logger = logging.getLogger(__name__)
 settings = get_settings()
 harden_multipart_parsing()
 MODEL = bentoml.models.BentoModel(f"{settings.bento_model_name}:latest")
+CPU_THREADS = {"cells": 2, "fields": 1}  # per worker; a worker has one core's share of the CPU
 SYNTHETIC_WARNING = "model trained on synthetic data: a demo, not for real samples"
 RESOURCES = {"gpu": 1} if settings.gpu else {"cpu": str(settings.workers * settings.tf_intra_op_threads)}
 
@@ -122,15 +124,14 @@ class MalariaClassifier:
         )
         self.prediction_log = PredictionLog(log_dir, dropped, filenames=names)
         self.field_log = PredictionLog(log_dir, dropped, "smear-fields", filenames=names)
-        self._cpu_limiter = None  # created on the event loop, at first use
+        self._limiters: dict[str, object] = {}  # created on the event loop, at first use
 
-    def _limiter(self):
-        """At most one CPU-heavy field job per worker at a time, off the event loop."""
-        import anyio
-
-        if self._cpu_limiter is None:
-            self._cpu_limiter = anyio.CapacityLimiter(1)
-        return self._cpu_limiter
+    def _limiter(self, kind: str):
+        """Threads for CPU-bound request work, off the event loop: ``cells`` (decode and preprocess uploads)
+        and ``fields`` (one smear field at a time), separate so a field never holds up a cell request."""
+        if kind not in self._limiters:
+            self._limiters[kind] = anyio.CapacityLimiter(CPU_THREADS[kind])
+        return self._limiters[kind]
 
     @bentoml.on_shutdown
     def flush_prediction_log(self) -> None:
@@ -148,7 +149,9 @@ class MalariaClassifier:
     async def _run(self, images: list[ImageUpload], ctx: bentoml.Context) -> list[Prediction]:
         started = time.perf_counter()
         request_id = self._start_answer(ctx)
-        prepared = prepare_uploads(images, self.spec, settings)
+        prepared = await anyio.to_thread.run_sync(
+            prepare_uploads, images, self.spec, settings, limiter=self._limiter("cells")
+        )
         outputs = await self.model(prepared.batch)
         probability = self.spec.probability_positive(outputs)
         predictions = make_predictions(probability, self.spec, self.version, request_id, prepared.names)
@@ -177,8 +180,6 @@ class MalariaClassifier:
     async def _analyze_field(
         self, upload: ImageUpload, cell_diameter_px: float | None, pixel_size_um: float | None, ctx: bentoml.Context
     ) -> tuple[Image.Image, SmearAnalysis]:
-        import anyio
-
         started = time.perf_counter()
         request_id = self._start_answer(ctx)
         diameter = expected_diameter(settings.smear_cell_diameter_px, cell_diameter_px, pixel_size_um)
@@ -187,7 +188,7 @@ class MalariaClassifier:
             image = decode_field(upload, settings)
             return image, prepare_field(image, self.spec, diameter, time.perf_counter)
 
-        image, field = await anyio.to_thread.run_sync(prepare, limiter=self._limiter())
+        image, field = await anyio.to_thread.run_sync(prepare, limiter=self._limiter("fields"))
         model_started = time.perf_counter()
         step = settings.max_batch_size  # the batcher's unit: a field's cells queue beside other callers' images
         chunks = [field.batch[i : i + step] for i in range(0, len(field.batch), step)]
@@ -255,11 +256,9 @@ class MalariaClassifier:
         pixel_size_um: Annotated[float, Field(gt=0.005, le=5)] | None = None,
     ) -> Image.Image:
         """The same analysis drawn on the field: a PNG with each cell boxed in its decision's colour."""
-        import anyio
-
         field_image, analysis = await self._analyze_field(image, cell_diameter_px, pixel_size_um, ctx)
         ctx.response.headers["X-Parasitemia-Percent"] = str(analysis.parasitemia_percent)
-        return await anyio.to_thread.run_sync(annotate, field_image, analysis, limiter=self._limiter())
+        return await anyio.to_thread.run_sync(annotate, field_image, analysis, limiter=self._limiter("fields"))
 
     @bentoml.api(route="/model_info")
     def model_info(self) -> ModelInfo:

@@ -233,6 +233,9 @@ def predict(
 @app.command()
 def evaluate(
     version: Annotated[str | None, typer.Option(help="Default: @champion.")] = None,
+    version_file: Annotated[
+        Path | None, typer.Option(help="Evaluate the version a training run registered (its registered.json).")
+    ] = None,
     out: Annotated[Path, typer.Option(help="Report folder.")] = Path("reports/evaluation"),
     objective: Annotated[
         str, typer.Option(help="Threshold: calibrated (0.5), youden, or sensitivity (>= 0.95 on validation).")
@@ -242,6 +245,12 @@ def evaluate(
     from flows.evaluate import evaluate_flow
 
     _settings()
+    if version_file is not None:
+        if version is not None:
+            _fail("give --version or --version-file, not both")
+        if not version_file.is_file():
+            _fail(f"{version_file} not found: run `malaria train` first")
+        version = str(json.loads(version_file.read_text())["version"])
     result = _guarded(lambda: evaluate_flow(version=version, out_dir=out, objective=objective))
     typer.echo(f"threshold {result.spec.threshold:.3f}, refer band {result.spec.refer_band}; plots in {out}")
 

@@ -60,31 +60,59 @@ class Settings(BaseSettings):
     )
 
     # Split and training
-    seed: int = Field(default=42, description="Seed of the patient split, and of training unless train_seed is set.")
+    seed: int = Field(
+        json_schema_extra={"dvc": "prepare"},
+        default=42,
+        description="Seed of the patient split, and of training unless train_seed is set.",
+    )
     train_seed: int | None = Field(
-        default=None, description="Seed of initialisation, shuffling and augmentation; unset = seed (same split)."
+        json_schema_extra={"dvc": "train"},
+        default=None,
+        description="Seed of initialisation, shuffling and augmentation; unset = seed (same split).",
     )
     val_fraction: float = Field(
+        json_schema_extra={"dvc": "prepare"},
         default=0.15,
         description="Share of patients held out for validation (threshold, calibration, the champion gate).",
     )
-    test_fraction: float = Field(default=0.15, description="Share of patients held out for the test metrics.")
+    test_fraction: float = Field(
+        json_schema_extra={"dvc": "prepare"},
+        default=0.15,
+        description="Share of patients held out for the test metrics.",
+    )
     profile: Profile = Field(
+        json_schema_extra={"dvc": "train"},
         default="quick",
         description="Training recipe: quick (64 px, quarter-width VGG16, 20 epochs) or full (see malaria/model.py).",
     )
-    image_size: int | None = Field(default=None, description="Override the profile's input size.")
-    epochs: int | None = Field(default=None, description="Override the profile's epoch count.")
-    width: float | None = Field(default=None, gt=0, description="Override the profile's width (1.0 = VGG16's filters).")
-    batch_size: int = Field(default=64, description="Training batch size.")
-    learning_rate: float | None = Field(default=None, description="Override the profile's peak learning rate.")
-    weight_decay: float | None = Field(default=None, ge=0, description="Override the profile's AdamW weight decay.")
+    image_size: int | None = Field(
+        json_schema_extra={"dvc": "train"}, default=None, description="Override the profile's input size."
+    )
+    epochs: int | None = Field(
+        json_schema_extra={"dvc": "train"}, default=None, description="Override the profile's epoch count."
+    )
+    width: float | None = Field(
+        json_schema_extra={"dvc": "train"},
+        default=None,
+        gt=0,
+        description="Override the profile's width (1.0 = VGG16's filters).",
+    )
+    batch_size: int = Field(json_schema_extra={"dvc": "train"}, default=64, description="Training batch size.")
+    learning_rate: float | None = Field(
+        json_schema_extra={"dvc": "train"}, default=None, description="Override the profile's peak learning rate."
+    )
+    weight_decay: float | None = Field(
+        json_schema_extra={"dvc": "train"}, default=None, ge=0, description="Override the profile's AdamW weight decay."
+    )
     deterministic: bool = Field(
+        json_schema_extra={"dvc": "train"},
         default=True,
         description="Deterministic TensorFlow kernels and input pipeline: same data, seed, machine and threads "
         "give the same model. Process-wide: false cannot undo an earlier deterministic training in the process.",
     )
-    max_train_images: int | None = Field(default=None, description="Cap per split, for smoke runs.")
+    max_train_images: int | None = Field(
+        json_schema_extra={"dvc": "train"}, default=None, description="Cap per split, for smoke runs."
+    )
     artifacts_dir: Path = Field(
         default=Path("training_artifacts"),
         description="Where a training run writes the model, spec, metrics and plots.",
@@ -154,6 +182,7 @@ class Settings(BaseSettings):
         default=None, description="Annotated smear fields (images/ and annotations.json, IML format); unset = none."
     )
     smear_cell_diameter_px: float = Field(
+        json_schema_extra={"dvc": "prepare"},
         default=80.0,
         ge=8,
         le=1000,
@@ -166,12 +195,16 @@ class Settings(BaseSettings):
         default=50_000_000, description="Largest field image, in pixels, accepted by the smear routes (a phone photo)."
     )
     smear_uninfected_per_field: dict[str, int] = Field(
+        json_schema_extra={"dvc": "prepare"},
         default={"train": 10, "val": 40, "test": 10_000},
         description="Uninfected smear crops kept per field, by split (every infected one is kept; about 75 "
         "uninfected cells per infected one in the shared set).",
     )
     smear_infected_repeat: int = Field(
-        default=4, ge=1, description="Times each infected smear crop is repeated in a training epoch."
+        json_schema_extra={"dvc": "train"},
+        default=4,
+        ge=1,
+        description="Times each infected smear crop is repeated in a training epoch.",
     )
     smear_min_slide_cells: int = Field(
         default=1000,
@@ -180,6 +213,7 @@ class Settings(BaseSettings):
         "1,000 or more red cells).",
     )
     refer_target_accuracy: float = Field(
+        json_schema_extra={"dvc": "evaluate"},
         default=0.985,
         gt=0.5,
         le=1.0,
@@ -224,6 +258,12 @@ class Settings(BaseSettings):
     # Logging
     log_level: str = Field(default="INFO", description="Log level of the malaria loggers.")
     log_dir: Path = Field(default=Path("logs"), description="Folder of malaria.log (unset: console only).")
+
+    @classmethod
+    def dvc_params(cls, stage: str) -> list[str]:
+        """The settings a DVC stage reads, from the fields' ``dvc`` tags (train also reads the split seed)."""
+        tagged = [n for n, f in cls.model_fields.items() if (f.json_schema_extra or {}).get("dvc") == stage]
+        return (["seed"] if stage == "train" else []) + tagged
 
     @property
     def training_seed(self) -> int:

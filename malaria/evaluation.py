@@ -72,6 +72,11 @@ def plot_confusion_matrix(y_true: np.ndarray, probability: np.ndarray, spec: Mod
     return _save(display.figure_, path)
 
 
+def roc_points(y_true: np.ndarray, probability: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """False-positive rate, true-positive rate and thresholds of the ROC curve (scikit-learn)."""
+    return skm.roc_curve(y_true, probability)
+
+
 def plot_roc(y_true: np.ndarray, probability: np.ndarray, path: Path) -> Path:
     display = skm.RocCurveDisplay.from_predictions(y_true, probability, name="model")
     display.ax_.plot([0, 1], [0, 1], "k--", lw=0.8)

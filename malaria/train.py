@@ -271,6 +271,12 @@ def train(settings: Settings, force: bool = False) -> RegisteredVersion:
         version_tags={VALIDATION_SET_TAG: images_fingerprint(val_data.frame), SPLIT_TAG: images_fingerprint(manifest)},
         rescore_champion=validation_scorer(settings, roots, val_data),
     )
+    (settings.artifacts_dir / "registered.json").write_text(
+        json.dumps(
+            {"name": record.name, "version": record.version, "run_id": record.run_id, "champion": record.is_champion},
+            indent=2,
+        )
+    )
     logger.info(
         "registered %s version %s%s in %.0fs",
         record.name,
@@ -296,6 +302,12 @@ def write_artifacts(
     model.save(folder / "model.keras")
     (folder / "model_spec.json").write_text(spec.model_dump_json(indent=2))
     (folder / "history.json").write_text(json.dumps(history, indent=2))
+    # The same as data, for `dvc plots show/diff`: one row per epoch, and the test ROC curve.
+    pd.DataFrame(history).rename_axis("epoch").reset_index().assign(epoch=lambda f: f["epoch"] + 1).to_csv(
+        folder / "history.csv", index=False
+    )
+    fpr, tpr, _ = evaluation.roc_points(test.labels, test_probability)
+    pd.DataFrame({"fpr": fpr, "tpr": tpr}).to_csv(folder / "roc.csv", index=False)
     (folder / "metrics.json").write_text(json.dumps(metrics, indent=2, sort_keys=True))
     evaluation.plot_confusion_matrix(test.labels, test_probability, spec, folder / "confusion_matrix.png")
     evaluation.plot_roc(test.labels, test_probability, folder / "roc_curve.png")

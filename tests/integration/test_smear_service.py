@@ -21,7 +21,8 @@ pytestmark = pytest.mark.slow
 
 @pytest.fixture(scope="module")
 def server(champion, tmp_path_factory):
-    env = {"MALARIA_SMEAR_CELL_DIAMETER_PX": "40", "MALARIA_MAX_SMEAR_PIXELS": "4000000"}
+    # One worker: a probe cannot be answered by another worker while this one analyses a field.
+    env = {"MALARIA_SMEAR_CELL_DIAMETER_PX": "40", "MALARIA_MAX_SMEAR_PIXELS": "4000000", "MALARIA_WORKERS": "1"}
     srv = Server(env, tmp_path_factory.mktemp("smear") / "predictions")
     yield srv
     srv.stop()
@@ -223,3 +224,26 @@ def test_smear_report_flow_writes_a_slide_report(server, tmp_path, prefect_harne
     low = smear_report_flow([slide], url=server.url, out_dir=tmp_path / "again", min_cells=1000)
     assert not low["slides"]["slide-3"]["summary"]["enough_cells"]
     assert "fewer than 1000 red cells" in (tmp_path / "again" / "report.md").read_text()
+
+
+def test_a_large_field_does_not_stall_the_event_loop(server):
+    """Liveness and cell requests are answered while the worker's thread analyses a 4 Mpx field."""
+    import threading
+    import time
+
+    big = synthetic_field(2000, 2000, diameter=40, n_free=600, n_pairs=60, seed=9).image
+    data = jpeg(big)
+    answers: list[httpx.Response] = []
+    worker = threading.Thread(target=lambda: answers.append(analyze(server, data)))
+    worker.start()
+    probes = []
+    time.sleep(0.05)
+    while worker.is_alive():
+        started = time.perf_counter()
+        assert httpx.get(f"{server.url}/livez", timeout=5).status_code == 200
+        probes.append(time.perf_counter() - started)
+        time.sleep(0.02)
+    worker.join()
+    assert answers[0].status_code == 200 and answers[0].json()["counts"]["cells"] > 500
+    assert len(probes) >= 3, "the field was analysed too fast to probe during it"
+    assert max(probes) < 0.5, probes

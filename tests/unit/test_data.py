@@ -210,8 +210,17 @@ def test_dvc_pipeline_parses_and_each_stage_depends_on_the_code_it_runs():
     stages = yaml.safe_load((REPO_ROOT / "dvc.yaml").read_text())["stages"]
     assert all(name in dag.stdout for name in stages)
     params = yaml.safe_load((REPO_ROOT / "params.yaml").read_text())
+    from malaria.config import Settings
+
     for name, stage in stages.items():
         assert set(stage.get("params", [])) <= set(params), name
+    for name in ("prepare", "train", "evaluate"):  # every setting the stage reads, from the settings class
+        assert stages[name]["params"] == Settings.dvc_params(name), name
+    declared = {n for stage in ("prepare", "train", "evaluate") for n in Settings.dvc_params(stage)}
+    assert set(params) == declared
+    defaults = Settings.model_construct()
+    for name in declared:  # params.yaml restates the defaults: a changed default must change it too
+        assert params[name] == getattr(defaults, name), name
         code = [dep for dep in stage["deps"] if dep.startswith("malaria/")]
         assert all((REPO_ROOT / dep).exists() for dep in code), name
 
