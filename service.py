@@ -26,6 +26,7 @@ from malaria.serving.prediction_log import PredictionLog
 from malaria.serving.schemas import BatchResult, ModelInfo, Prediction
 from malaria.serving.uploads import (
     ImageUpload,
+    PayloadTooLarge,
     decode_field,
     harden_multipart_parsing,
     make_predictions,
@@ -34,13 +35,15 @@ from malaria.serving.uploads import (
     summarize,
 )
 from malaria.smear.analysis import SmearAnalysis, SmearTiming, expected_diameter, prepare_field, summarise_field
-from malaria.smear.render import annotate
+from malaria.smear.detect import FieldTooLargeError
+from malaria.smear.render import annotated_png
 from malaria.spec import ModelSpec
 
 logger = logging.getLogger(__name__)
 settings = get_settings()
 harden_multipart_parsing()
 MODEL = bentoml.models.BentoModel(f"{settings.bento_model_name}:latest")
+FIELD_CHUNKS_IN_FLIGHT = 2  # a field's model calls queued at once in the batcher
 CPU_THREADS = {"cells": 2, "fields": 1}  # per worker; a worker has one core's share of the CPU
 SYNTHETIC_WARNING = "model trained on synthetic data: a demo, not for real samples"
 RESOURCES = {"gpu": 1} if settings.gpu else {"cpu": str(settings.workers * settings.tf_intra_op_threads)}
@@ -186,13 +189,22 @@ class MalariaClassifier:
 
         def prepare():
             image = decode_field(upload, settings)
-            return image, prepare_field(image, self.spec, diameter, time.perf_counter)
+            try:
+                return image, prepare_field(image, self.spec, diameter, time.perf_counter)
+            except FieldTooLargeError as exc:
+                raise PayloadTooLarge(str(exc)) from exc
 
         image, field = await anyio.to_thread.run_sync(prepare, limiter=self._limiter("fields"))
         model_started = time.perf_counter()
         step = settings.max_batch_size  # the batcher's unit: a field's cells queue beside other callers' images
         chunks = [field.batch[i : i + step] for i in range(0, len(field.batch), step)]
-        outputs = await asyncio.gather(*(self.model(chunk) for chunk in chunks))
+        in_flight = asyncio.Semaphore(FIELD_CHUNKS_IN_FLIGHT)
+
+        async def classify(chunk: np.ndarray) -> np.ndarray:
+            async with in_flight:  # a big field waits here, not in the batcher's queue (whose overflow is a 503)
+                return await self.model(chunk)
+
+        outputs = await asyncio.gather(*(classify(chunk) for chunk in chunks))
         probability = self.spec.probability_positive(np.concatenate(outputs)) if chunks else np.empty(0)
         timing = SmearTiming(
             detect_ms=round(field.detect_ms, 2),
@@ -238,7 +250,7 @@ class MalariaClassifier:
         image: ImageUpload,
         ctx: bentoml.Context,
         cell_diameter_px: Annotated[float, Field(ge=8, le=1000)] | None = None,
-        pixel_size_um: Annotated[float, Field(gt=0.005, le=5)] | None = None,
+        pixel_size_um: Annotated[float, Field(ge=0.0075, le=0.9375)] | None = None,
     ) -> SmearAnalysis:
         """Find, classify and count the red cells of one thin-smear field photograph (multipart field ``image``).
 
@@ -253,12 +265,16 @@ class MalariaClassifier:
         image: ImageUpload,
         ctx: bentoml.Context,
         cell_diameter_px: Annotated[float, Field(ge=8, le=1000)] | None = None,
-        pixel_size_um: Annotated[float, Field(gt=0.005, le=5)] | None = None,
+        pixel_size_um: Annotated[float, Field(ge=0.0075, le=0.9375)] | None = None,
     ) -> Image.Image:
         """The same analysis drawn on the field: a PNG with each cell boxed in its decision's colour."""
+        from starlette.responses import Response
+
         field_image, analysis = await self._analyze_field(image, cell_diameter_px, pixel_size_um, ctx)
-        ctx.response.headers["X-Parasitemia-Percent"] = str(analysis.parasitemia_percent)
-        return await anyio.to_thread.run_sync(annotate, field_image, analysis, limiter=self._limiter("fields"))
+        if analysis.parasitemia_percent is not None:
+            ctx.response.headers["X-Parasitemia-Percent"] = str(analysis.parasitemia_percent)
+        png = await anyio.to_thread.run_sync(annotated_png, field_image, analysis, limiter=self._limiter("fields"))
+        return Response(png, media_type="image/png")  # encoded on the thread, not by BentoML on the event loop
 
     @bentoml.api(route="/model_info")
     def model_info(self) -> ModelInfo:

@@ -18,11 +18,13 @@ from prefect.task_runners import ThreadPoolTaskRunner
 from flows.batch_predict import _is_transient
 from malaria.client import MalariaClient
 from malaria.config import Settings
-from malaria.smear.slides import collect_slides, summarise_slide
+from malaria.smear.slides import annotated_name, collect_slides, summarise_slide
 
 
 @task(retries=3, retry_delay_seconds=[1, 4, 10], retry_condition_fn=_is_transient)
-def analyze_field(path: Path, url: str, token: str | None, out_dir: Path, slide: str) -> dict:
+def analyze_field(
+    path: Path, url: str, token: str | None, out_dir: Path, slide: str, name: str, cell_diameter_px: float | None
+) -> dict:
     """One field through the service; its annotated picture under ``out_dir/slide/``. A 4xx is a row."""
     from bentoml.exceptions import BentoMLException
 
@@ -32,12 +34,12 @@ def analyze_field(path: Path, url: str, token: str | None, out_dir: Path, slide:
 
     try:
         with MalariaClient(url, token=token, timeout=300) as client:
-            analysis = client.analyze_smear(path)
+            analysis = client.analyze_smear(path, cell_diameter_px=cell_diameter_px)
     except BentoMLException as exc:
         if int(exc.error_code) >= 500:
             raise
         return {"path": str(path), "error": str(exc)}
-    target = out_dir / slide / f"{path.stem}.annotated.png"
+    target = out_dir / slide / name
     target.parent.mkdir(parents=True, exist_ok=True)
     annotate(decode_image(path.read_bytes(), max_pixels=None), SmearAnalysis.model_validate(analysis)).save(target)
     return {"path": str(path), "annotated": str(target.relative_to(out_dir)), **analysis}
@@ -117,14 +119,21 @@ def smear_report_flow(
     token: str | None = None,
     out_dir: Path = Path("reports/smear"),
     min_cells: int | None = None,
+    cell_diameter_px: float | None = None,
 ) -> dict:
-    """Analyse the fields of each slide (a folder is a slide) and write the slide report."""
+    """Analyse the fields of each slide (a folder is a slide) and write the slide report.
+
+    ``cell_diameter_px``: this microscope's red-cell diameter (default: the server's).
+    """
     min_cells = min_cells or Settings().smear_min_slide_cells
     slides = collect_slides([Path(p) for p in paths])
     out_dir.mkdir(parents=True, exist_ok=True)
     report: dict = {"slides": {}}
     for slide, images in slides.items():
-        futures = [analyze_field.submit(path, url, token, out_dir, slide) for path in images]
+        futures = [
+            analyze_field.submit(path, url, token, out_dir, slide, annotated_name(path, images), cell_diameter_px)
+            for path in images
+        ]
         fields = [future.result() for future in futures]
         report["slides"][slide] = {"summary": summarise_slide(fields, min_cells), "fields": fields}
     (out_dir / "summary.json").write_text(json.dumps(report, indent=2))

@@ -457,16 +457,25 @@ def smear_evaluate(
     if split != "all":
         parts = split_fields(names, settings.seed)
         names = [n for n in names if parts[n] == split]
-    scores = []
+    from bentoml.exceptions import BentoMLException
+
+    scores, rejected = [], []
     try:
         with MalariaClient(url, token=token, server_ready_timeout=wait, timeout=300) as client:
             for name in names:
+                path = Path(folder) / "images" / name
                 started = time.perf_counter()
-                analysis = client.analyze_smear(Path(folder) / "images" / name, cell_diameter_px=cell_diameter_px)
+                try:
+                    analysis = client.analyze_smear(path, cell_diameter_px=cell_diameter_px)
+                except BentoMLException as exc:
+                    if int(exc.error_code) >= 500:
+                        raise
+                    rejected.append({"field": name, "error": str(exc)})
+                    continue
                 scores.append(score_field(name, annotations[name], analysis, time.perf_counter() - started))
     except Exception as exc:  # noqa: BLE001 - connection errors come from httpx as well as BentoML
         _fail(f"service at {url}: {exc} (is it running, and is the token right?)")
-    summary = {"split": split, "seed": settings.seed, **summarise_scores(scores)}
+    summary = {"split": split, "seed": settings.seed, "rejected_fields": rejected, **summarise_scores(scores)}
     typer.echo(json.dumps(summary, indent=2))
     if out is not None:
         out.parent.mkdir(parents=True, exist_ok=True)

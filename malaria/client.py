@@ -75,13 +75,13 @@ class MalariaClient:
     def model_info(self) -> dict:
         return self._client.model_info()
 
-    def analyze_smear(self, image: Path | str, cell_diameter_px: float | None = None) -> dict:
-        """One smear field -> cells, counts and parasitemia (see ``SmearAnalysis``)."""
-        return self._client.analyze_smear(image=Path(image), cell_diameter_px=cell_diameter_px)
-
-    def annotate_smear(self, image: Path | str, cell_diameter_px: float | None = None):
-        """One smear field -> the annotated field as a PIL image."""
-        return self._client.annotate_smear(image=Path(image), cell_diameter_px=cell_diameter_px)
+    def analyze_smear(
+        self, image: Path | str, cell_diameter_px: float | None = None, pixel_size_um: float | None = None
+    ) -> dict:
+        """One smear field -> cells, counts and parasitemia (see ``SmearAnalysis``); the cell size is optional."""
+        return self._client.analyze_smear(
+            image=Path(image), cell_diameter_px=cell_diameter_px, pixel_size_um=pixel_size_um
+        )
 
     def close(self) -> None:
         self._client.close()

@@ -62,9 +62,10 @@ def load_split(
     ``repeat_infected_smear`` repeats the rare infected smear crops (training only).
     """
     frame = manifest[manifest["split"] == split]
-    if limit is not None and len(frame) > limit:
+    if limit is not None and len(frame) > limit:  # a smoke run: the same share of each source and class
+        groups = frame.groupby(["source", "label"])
         frame = pd.concat(
-            [group.sample(min(len(group), limit // 2), random_state=seed) for _, group in frame.groupby("label")]
+            [group.sample(min(len(group), limit // groups.ngroups), random_state=seed) for _, group in groups]
         )
     if repeat_infected_smear > 1:
         rare = frame[(frame["source"] == SMEAR) & (labels_of(frame) == 1)]
@@ -312,9 +313,11 @@ def write_artifacts(
     evaluation.plot_confusion_matrix(test.labels, test_probability, spec, folder / "confusion_matrix.png")
     evaluation.plot_roc(test.labels, test_probability, folder / "roc_curve.png")
     evaluation.plot_learning_curves(history, folder / "learning_curves.png")
-    sizes = list(zip(train_data.frame["width"], train_data.frame["height"], strict=True))
-    reference = pd.DataFrame(image_features_batch(train_data.images, sizes))
-    reference["probability_parasitized"] = predict_probability(model, train_data.images, spec)
-    reference["label"] = train_data.frame["label"].to_numpy()
+    unique = ~train_data.frame.duplicated("path").to_numpy()  # repeated smear crops count once
+    frame, images = train_data.frame[unique], train_data.images[unique]
+    sizes = list(zip(frame["width"], frame["height"], strict=True))
+    reference = pd.DataFrame(image_features_batch(images, sizes))
+    reference["probability_parasitized"] = predict_probability(model, images, spec)
+    reference["label"] = frame["label"].to_numpy()
     reference.to_csv(folder / "reference_features.csv", index=False)
     return folder

@@ -10,6 +10,7 @@ every infected cell is kept.
 from __future__ import annotations
 
 import hashlib
+import inspect
 import json
 import logging
 from pathlib import Path
@@ -18,6 +19,7 @@ import numpy as np
 import pandas as pd
 from PIL import Image
 
+from malaria.preprocess import decode_image
 from malaria.smear.annotations import capture_blocks, load_annotations, match_boxes, split_fields
 from malaria.smear.detect import cell_crop, detect_cells
 from malaria.spec import PARASITIZED, UNINFECTED
@@ -29,8 +31,10 @@ COLUMNS = ["path", "label", "patient", "width", "height", "source", "split"]
 
 
 def crop_key(smear_dir: Path, cell_diameter_px: float, seed: int, uninfected_per_field: dict[str, int]) -> str:
-    """What the cut crops depend on: the annotations, the detector, the sampling."""
+    """What the cut crops depend on: the annotations, the detector's and this module's code, the sampling."""
     digest = hashlib.sha256((Path(smear_dir) / "annotations.json").read_bytes())
+    for module in (detect_cells, cell_crop, decode_image):
+        digest.update(Path(inspect.getfile(module)).read_bytes())
     digest.update(json.dumps([CROPS_VERSION, cell_diameter_px, seed, uninfected_per_field], sort_keys=True).encode())
     return digest.hexdigest()[:16]
 
@@ -47,7 +51,9 @@ def cut_smear_crops(
     key = crop_key(smear_dir, cell_diameter_px, seed, uninfected_per_field)
     stamp = out_dir / "crops.json"
     if stamp.is_file() and json.loads(stamp.read_text()).get("key") == key:
-        return pd.read_csv(out_dir / "crops.csv")
+        cached = pd.read_csv(out_dir / "crops.csv")
+        if all((out_dir / p).is_file() for p in cached["path"]):
+            return cached
     annotations = load_annotations(smear_dir)
     parts = split_fields(sorted(annotations), seed)
     blocks = capture_blocks(sorted(annotations))
@@ -62,7 +68,7 @@ def cut_smear_crops(
         if not path.is_file():
             logger.warning("smear crops: %s is annotated but missing; skipped", path)
             continue
-        rgb = np.asarray(Image.open(path).convert("RGB"))
+        rgb = np.asarray(decode_image(path.read_bytes(), max_pixels=None))  # as served: EXIF-upright RGB
         detection = detect_cells(rgb, cell_diameter_px)
         cells = [r for r in detection.regions if r.kind == "red_cell" and not r.edge]
         boxes = annotations[name]

@@ -6,7 +6,8 @@ transform, then each object judged against the expected cell diameter: platelets
 small, a white blood cell carries a nucleus stained far darker than the field's red cells, a clump
 the watershed could not split is too large, and cells cut by the image border are flagged ``edge``.
 Segmentation runs at a working scale where a cell is ``WORK_DIAMETER_PX`` across, whatever the
-camera and magnification, so its cost per field depends on the number of cells, not on the pixels.
+camera and magnification, and refuses a working image over ``MAX_WORK_PIXELS``: the cost of a field
+is bounded whatever its size and cell size.
 """
 
 from __future__ import annotations
@@ -34,10 +35,17 @@ RIDGE_WIDTH = 0.25  # lighter lines narrower than this many diameters separate p
 RIDGE_CONTRAST = 0.2  # ... when lighter than their surroundings by this share of the cell contrast
 MIN_CONTRAST = 12.0  # green levels between background and the Otsu threshold: below, nothing is stained
 MIN_CELLS = 20  # fewer counted cells: not a usable field
+MAX_CELLS = 5000  # more red cells than a 50 Mpx photo of a monolayer holds at 80 px: the cell size is wrong
+MAX_WORK_PIXELS = 16_000_000  # the segmentation's working image; the cost of a field is bounded by it
 # Edge sharpness: the mean gradient on cell outlines over the cell-to-background contrast, per working
 # pixel. On 71 shared fields as taken: 0.20 to 0.33; blurred by a Gaussian of radius 6 full-resolution
 # pixels: 0.135 to 0.16 (counts within 15 %); radius 10: 0.10 to 0.12 (counts down by up to 37 %).
 MIN_SHARPNESS = 0.12
+
+
+class FieldTooLargeError(ValueError):
+    """The field has too many pixels for its cell size (the working image would exceed MAX_WORK_PIXELS)."""
+
 
 Kind = Literal["red_cell", "white_cell", "small", "clump"]
 KINDS: tuple[Kind, ...] = ("red_cell", "white_cell", "small", "clump")
@@ -101,6 +109,11 @@ def detect_cells(rgb: np.ndarray, cell_diameter_px: float) -> FieldDetection:
     height, width = rgb.shape[:2]
     scale = min(1.0, WORK_DIAMETER_PX / cell_diameter_px)
     work_size = (max(1, round(width * scale)), max(1, round(height * scale)))
+    if work_size[0] * work_size[1] > MAX_WORK_PIXELS:
+        raise FieldTooLargeError(
+            f"a {width}x{height} field with {cell_diameter_px:g}-px cells is too much to segment (at most "
+            f"{MAX_WORK_PIXELS} pixels once cells are scaled to {WORK_DIAMETER_PX:g} px): check the cell size"
+        )
     small = np.asarray(Image.fromarray(rgb).resize(work_size, Image.Resampling.BOX), dtype=np.float32)
     green = ndi.gaussian_filter(small[..., 1], 1.0)
     diameter = cell_diameter_px * scale
@@ -114,6 +127,8 @@ def detect_cells(rgb: np.ndarray, cell_diameter_px: float) -> FieldDetection:
     if background_level - threshold < MIN_CONTRAST or stained.mean() > 0.9:
         return FieldDetection([], (width, height), 0.0, False, "no cells found: no stained objects on a background")
     stained = ndi.binary_opening(stained, iterations=1)
+    if not stained.any():
+        return FieldDetection([], (width, height), 0.0, False, "no cells found: nothing stained is larger than noise")
     foreground = stained | small_hole_mask(stained, expected_area)
 
     edges = np.hypot(ndi.sobel(green, 0), ndi.sobel(green, 1)) / 8
@@ -173,6 +188,9 @@ def detect_cells(rgb: np.ndarray, cell_diameter_px: float) -> FieldDetection:
     if sharpness < MIN_SHARPNESS:
         detection.usable = False
         detection.reason = f"too blurred to count: edge sharpness {sharpness:.3f} < {MIN_SHARPNESS}"
+    elif sum(r.kind == "red_cell" for r in regions) > MAX_CELLS:
+        detection.usable = False
+        detection.reason = f"more than {MAX_CELLS} red cells found: is the cell diameter right?"
     elif len(detection.counted) < MIN_CELLS:
         detection.usable = False
         detection.reason = f"too few red cells to count: {len(detection.counted)} found, at least {MIN_CELLS} needed"

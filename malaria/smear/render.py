@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import io
+
 from PIL import Image, ImageDraw, ImageFont
 
 from malaria.smear.analysis import SmearAnalysis
@@ -37,3 +39,10 @@ def annotate(image: Image.Image, analysis: SmearAnalysis) -> Image.Image:
     draw.rectangle((left - 4, top - 4, right + 4, bottom + 4), fill=(255, 255, 255))
     draw.text((8, 8), text, fill=(0, 0, 0), font=font)
     return canvas
+
+
+def annotated_png(image: Image.Image, analysis: SmearAnalysis) -> bytes:
+    """The annotated field encoded as PNG (CPU-bound: run it off the event loop)."""
+    buffer = io.BytesIO()
+    annotate(image, analysis).save(buffer, "PNG", compress_level=3)
+    return buffer.getvalue()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 from malaria.preprocess import IMAGE_SUFFIXES
@@ -16,7 +17,10 @@ def collect_slides(paths: list[Path]) -> dict[str, list[Path]]:
     for path in map(Path, paths):
         if path.is_dir():
             images = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
-            slides[path.name or str(path)] = images
+            name = path.resolve().name or "slide"
+            while name in slides:  # two folders of the same name: both kept
+                name += "+"
+            slides[name] = images
         elif path.is_file():
             slides.setdefault(LOOSE_FILES, []).append(path)
         else:
@@ -45,6 +49,13 @@ def summarise_slide(fields: list[dict], min_cells: int) -> dict:
     }
 
 
+def annotated_name(path: Path, images: list[Path]) -> str:
+    """The annotated picture's file name, unique within its slide: the path below the slide's common
+    folder, sub-folders joined by ``__``, suffix kept (``a/f1.jpg`` -> ``a__f1.jpg.annotated.png``)."""
+    common = Path(os.path.commonpath([str(p.parent) for p in images]))
+    return "__".join(path.relative_to(common).parts) + ".annotated.png"
+
+
 def analyze_slides(
     slides: dict[str, list[Path]], client, out: Path | None, min_cells: int, cell_diameter_px: float | None = None
 ) -> dict:
@@ -70,7 +81,7 @@ def analyze_slides(
             analysis = analysis if isinstance(analysis, dict) else analysis.model_dump()
             fields.append({"path": str(path), **analysis})
             if out is not None:
-                target = out / slide / f"{path.stem}.annotated.png"
+                target = out / slide / annotated_name(path, images)
                 target.parent.mkdir(parents=True, exist_ok=True)
                 field_image = decode_image(path.read_bytes(), max_pixels=None)
                 annotate(field_image, SmearAnalysis.model_validate(analysis)).save(target)

@@ -114,7 +114,10 @@ def test_annotate_smear_returns_the_field_as_png(server, field):
     assert response.headers["content-type"] == "image/png"
     picture = Image.open(io.BytesIO(response.content))
     assert picture.size == (640, 480) and picture.format == "PNG"
-    assert float(response.headers["x-parasitemia-percent"]) >= 0
+    body = analyze(server, jpeg(field.image)).json()
+    assert float(response.headers["x-parasitemia-percent"]) == body["parasitemia_percent"]
+    blank = analyze(server, jpeg(Image.new("RGB", (640, 480), (205, 225, 205))), route="annotate_smear")
+    assert blank.status_code == 200 and "x-parasitemia-percent" not in blank.headers
 
 
 def bomb() -> bytes:
@@ -132,8 +135,17 @@ def bomb() -> bytes:
         (b"FIELD", {"cell_diameter_px": "2"}, 400, "cell_diameter_px"),
         (b"FIELD", {"cell_diameter_px": "big"}, 400, "cell_diameter_px"),
         (b"FIELD", {"pixel_size_um": "-1"}, 400, "pixel_size_um"),
+        (b"FIELD", {"pixel_size_um": "5"}, 400, "pixel_size_um"),  # 7.5 um / 5 = 1.5-px cells
     ],
-    ids=["not an image", "empty", "pixel bomb", "diameter too small", "diameter not a number", "negative pixel size"],
+    ids=[
+        "not an image",
+        "empty",
+        "pixel bomb",
+        "diameter too small",
+        "diameter not a number",
+        "negative pixel size",
+        "pixel size too large",
+    ],
 )
 def test_bad_input_is_a_4xx_and_the_server_stays_healthy(server, field, data, form, status, message):
     data = bomb() if data is None else jpeg(field.image) if data == b"FIELD" else data
@@ -175,7 +187,7 @@ def test_cli_analyzes_a_slide_and_writes_annotated_fields(server, tmp_path):
     fields = [f for f in report["fields"] if "error" not in f]
     assert report["summary"]["cells"] == sum(f["counts"]["cells"] for f in fields) == 60
     assert report["summary"]["rejected_files"] == 1 and not report["summary"]["enough_cells"]
-    assert sorted(Path(f["annotated"]).name for f in fields) == ["field1.annotated.png", "field2.annotated.png"]
+    assert sorted(Path(f["annotated"]).name for f in fields) == ["field1.jpg.annotated.png", "field2.jpg.annotated.png"]
     assert all(Image.open(f["annotated"]).size == (640, 480) for f in fields)
 
 
@@ -219,7 +231,7 @@ def test_smear_report_flow_writes_a_slide_report(server, tmp_path, prefect_harne
     assert "## Slide `slide-3`" in markdown and "rejected:" in markdown and "fewer than" not in markdown
     page = (out / "report.html").read_text()
     images = re.findall(r"<img src='([^']+)'", page)
-    assert sorted(images) == ["slide-3/f4.annotated.png", "slide-3/f5.annotated.png"]
+    assert sorted(images) == ["slide-3/f4.jpg.annotated.png", "slide-3/f5.jpg.annotated.png"]
     assert all((out / image).is_file() for image in images)
     low = smear_report_flow([slide], url=server.url, out_dir=tmp_path / "again", min_cells=1000)
     assert not low["slides"]["slide-3"]["summary"]["enough_cells"]
