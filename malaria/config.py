@@ -250,6 +250,17 @@ class Settings(BaseSettings):
         description="Client file names in the prediction log: hashed (sha256, 16 hex digits: the same name gives "
         "the same hash), plain, or omit. File names often carry patient identifiers.",
     )
+    prediction_log_max_queued: int = Field(
+        default=10_000,
+        ge=1,
+        description="Requests whose log lines may wait for the writer; beyond, lines are dropped and counted.",
+    )
+    prediction_log_max_file_mb: int = Field(
+        default=100, ge=1, description="A prediction log file is continued in a new part at this size."
+    )
+    prediction_log_keep_days: int = Field(
+        default=30, ge=1, description="Prediction log files older than this many days are deleted."
+    )
     prediction_log_dir: Path = Field(
         default=Path("logs/predictions"),
         description="Folder of the JSON-lines prediction log (one file per day and worker).",

@@ -6,6 +6,7 @@ import asyncio
 import hashlib
 import io
 import json
+import threading
 import time
 
 import numpy as np
@@ -203,3 +204,43 @@ def test_prediction_log_keeps_file_names_out_unless_asked(tmp_path, policy):
         "omit": None,
     }[policy]
     assert lines[0]["filename"] == expected and "filename" not in lines[1]
+
+
+def test_prediction_log_memory_is_bounded_and_overflow_is_counted(tmp_path, monkeypatch):
+    reported: list[int] = []
+    log = PredictionLog(tmp_path, on_dropped=reported.append, max_queued=3)
+    gate = threading.Event()
+    real_write = log._path
+
+    def slow_path():  # hold the writer so that the queue fills
+        gate.wait(10)
+        return real_write()
+
+    monkeypatch.setattr(log, "_path", slow_path)
+    for i in range(10):
+        log.record_lines([{"request_id": str(i)}, {"request_id": f"{i}b"}])
+    gate.set()
+    log.close()
+    written = sum(len(p.read_text().splitlines()) for p in tmp_path.glob("predictions-*.jsonl"))
+    assert log.dropped == sum(reported) > 0
+    assert written + log.dropped == 20  # every line is either written or counted
+
+
+def test_prediction_log_rotates_by_size_and_deletes_old_days(tmp_path):
+    old = tmp_path / "predictions-2020-01-01-1.jsonl"
+    old.write_text("{}\n")
+    keep = tmp_path / "smear-fields-2020-01-01-1.jsonl"  # another log's files are not this log's to delete
+    keep.write_text("{}\n")
+    log = PredictionLog(tmp_path, max_file_bytes=200, keep_days=30)
+    for i in range(12):
+        log.record_lines([{"request_id": f"request-{i:04d}", "payload": "x" * 40}])
+        time.sleep(0.01)
+    log.close()
+    parts = sorted(tmp_path.glob("predictions-*.jsonl"))
+    assert not old.exists() and keep.exists()
+    assert len(parts) >= 3 and all(p.stat().st_size < 200 + 120 for p in parts)
+    lines = [json.loads(line) for p in parts for line in p.read_text().splitlines()]
+    assert sorted(line["request_id"] for line in lines) == [f"request-{i:04d}" for i in range(12)]
+    from malaria.monitoring import load_prediction_window
+
+    assert len(load_prediction_window(tmp_path)) == 12  # the drift reader finds every part
