@@ -63,7 +63,7 @@ def render(record: RegisteredVersion, smear_eval: dict | None = None) -> str:
         lines += [
             "",
             f"Whole fields through the running service (`malaria smear evaluate --split {s['split']}`: "
-            f"{s['fields']} held-out fields, {s['boxed_interior_cells']} boxed interior cells):",
+            f"{s['fields']} fields of the {s['split']} part, {s['boxed_interior_cells']} boxed interior cells):",
             "",
             "| cell recall (IoU >= 0.5) | infected-cell sensitivity | specificity | parasitemia MAE "
             "(well-boxed fields) | seconds per field |",
@@ -84,8 +84,8 @@ def render(record: RegisteredVersion, smear_eval: dict | None = None) -> str:
         "- Detection is classical segmentation: heavily overlapping cells (thick areas), cells cut by the image "
         "border (flagged `edge`, not counted) and white cells are handled by rules; a field that cannot be "
         "counted is answered with its reason, not a number.",
-        "- One field holds a few hundred red cells: the Wilson interval in every answer shows how little one "
-        "field says at low parasitemia. Count a slide over at least 1,000 red cells.",
+        "- One field holds about a hundred whole red cells: the Wilson interval in every answer shows how little "
+        "one field says at low parasitemia. Count a slide over at least 1,000 red cells.",
     ]
     if spec.synthetic:
         lines += ["", "**This model was trained on generated data: a demo, not for real samples.**"]

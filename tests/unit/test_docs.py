@@ -22,3 +22,18 @@ def test_readme_is_the_front_door_and_links_every_doc():
     assert len(readme.encode()) <= 12_000
     for page in sorted((REPO_ROOT / "docs").glob("*.md")):
         assert f"docs/{page.name}" in readme, f"README does not link docs/{page.name}"
+
+
+def test_model_card_states_sources_per_source_figures_and_a_demo_model():
+    from malaria.model_card import render
+    from malaria.registry import RegisteredVersion
+    from malaria.spec import ModelSpec
+
+    metrics = {"test_accuracy": 0.95, "test_nih_accuracy": 0.966, "test_smear_specificity": 0.991}
+    spec = ModelSpec(training_sources=["nih", "smear"], threshold=0.6)
+    card = render(RegisteredVersion("m", "3", "run1", spec, metrics, True))
+    assert "# Model card: m version 3" in card and "P >= 0.600" in card
+    assert "| nih | 0.9660 |" in card and "| smear | - | - | 0.9910 |" in card
+    assert "not a diagnosis on its own" in card and "Gametocytes" in card and "synthetic" not in card.lower()
+    demo = render(RegisteredVersion("m", "4", "run2", ModelSpec(training_sources=["synthetic"]), {}, True))
+    assert "trained on generated data: a demo" in demo
