@@ -107,6 +107,7 @@ class MalariaClassifier:
             logger.warning("MALARIA_GPU=true but TensorFlow sees no GPU: running on the CPU (see `make bento-gpu`)")
         self.metadata = self.bento_model.info.metadata
         self.spec = ModelSpec.from_metadata(self.metadata).with_refer_band(settings.refer_band)
+        self.field_spec = self.spec.for_fields()  # cells of smear fields: the field threshold and band
         self.version = str(self.metadata.get("mlflow_version") or self.bento_model.tag.version)
         if self.spec.synthetic:
             logger.warning("%s was trained on SYNTHETIC data: a demo, not for real samples", self.bento_model.tag)
@@ -215,7 +216,7 @@ class MalariaClassifier:
         analysis = summarise_field(
             field,
             probability,
-            self.spec,
+            self.field_spec,
             cell_diameter_px=diameter,
             model_version=self.version,
             request_id=request_id,
@@ -292,6 +293,8 @@ class MalariaClassifier:
             refer_band=self.spec.refer_band,
             temperature=self.spec.temperature,
             training_sources=self.spec.training_sources,
+            field_threshold=self.field_spec.threshold,
+            field_refer_band=self.field_spec.refer_band,
         )
 
 

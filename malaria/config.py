@@ -219,6 +219,14 @@ class Settings(BaseSettings):
         le=1.0,
         description="`malaria evaluate` picks the narrowest refer band outside which validation accuracy reaches this.",
     )
+    smear_target_specificity: float = Field(
+        default=0.995,
+        json_schema_extra={"dvc": "evaluate"},
+        gt=0.5,
+        lt=1.0,
+        description="`malaria evaluate` sets the field threshold (smear cells) to the lowest one reaching this "
+        "specificity on smear validation cells.",
+    )
     refer_band: tuple[float, float] | None = Field(
         default=None, description="Override the model's uncertainty band (low, high) for 'refer'."
     )

@@ -14,7 +14,7 @@ from sklearn.metrics import roc_curve
 
 from malaria import evaluation
 from malaria.config import Settings
-from malaria.data import images_fingerprint, read_manifest, source_roots
+from malaria.data import SMEAR, images_fingerprint, read_manifest, source_roots
 from malaria.registry import SPLIT_TAG, RegisteredVersion, client, load_keras_model, update_spec
 from malaria.spec import ModelSpec
 from malaria.train import load_split, metrics_by_source, predict_probability
@@ -38,7 +38,7 @@ class EvaluationResult:
         rows = [f"| {name} | {self.metrics[name]:.4f} |" for name in METRIC_ROWS]
         rows.append(f"| referred to a person | {self.referred_fraction:.2%} |")
         rows.append(f"| accuracy of the cells not referred | {self.metrics['accuracy_decided']:.4f} |")
-        for source in ("nih", "smear"):  # per source, when the test split holds several
+        for source in ("nih", "smear", "smear_field_rule"):  # per source, when the test split holds several
             rows += [
                 f"| {source}: {name} | {self.metrics[f'{source}_{name}']:.4f} |"
                 for name in SOURCE_ROWS
@@ -97,6 +97,17 @@ def choose_refer_band(
     return (max(0.0, threshold - width), min(1.0, threshold + width))
 
 
+def choose_specific_threshold(y_true: np.ndarray, probability: np.ndarray, target_specificity: float) -> float:
+    """The lowest threshold at which validation specificity reaches the target (never below 0.5)."""
+    negatives = np.sort(probability[y_true == 0])
+    if len(negatives) == 0:
+        return 0.5
+    # Above the k-th highest negative, at most floor((1 - target) * n) negatives are called positive.
+    allowed = int(np.floor((1 - target_specificity) * len(negatives)))
+    cut = negatives[len(negatives) - allowed - 1]
+    return float(min(max(0.5, np.nextafter(cut, 1.0)), 0.999))
+
+
 def other_split_warning(record: RegisteredVersion, manifest: pd.DataFrame) -> str | None:
     """Why ``manifest`` cannot give ``record`` honest test metrics (it was trained on another split), or None."""
     trained_split = record.tags.get(SPLIT_TAG)
@@ -128,9 +139,17 @@ def evaluate_model(
     test = load_split(manifest, roots, "test", record.spec, None, settings.seed)
 
     val_p = predict_probability(model, val.images, record.spec)
-    threshold = choose_threshold(val.labels, val_p, objective)
-    band = choose_refer_band(val.labels, val_p, threshold, target_accuracy or settings.refer_target_accuracy)
-    spec = record.spec.model_copy(update={"threshold": threshold, "refer_band": band})
+    target = target_accuracy or settings.refer_target_accuracy
+    crops = (val.frame["source"] != SMEAR).to_numpy()  # crop threshold and band: on crops, as served by /predict
+    threshold = choose_threshold(val.labels[crops], val_p[crops], objective)
+    band = choose_refer_band(val.labels[crops], val_p[crops], threshold, target)
+    update: dict = {"threshold": threshold, "refer_band": band, "field_threshold": None, "field_refer_band": None}
+    if (~crops).any():  # smear cells: infected ones are rare, so the field rule holds specificity
+        field = ~crops
+        field_threshold = choose_specific_threshold(val.labels[field], val_p[field], settings.smear_target_specificity)
+        update["field_threshold"] = field_threshold
+        update["field_refer_band"] = choose_refer_band(val.labels[field], val_p[field], field_threshold, target)
+    spec = record.spec.model_copy(update=update)
 
     test_p = predict_probability(model, test.images, spec)
     metrics = metrics_by_source("", test, test_p, spec.threshold)
@@ -138,6 +157,12 @@ def evaluate_model(
     referred = float(referred_mask.mean())
     decided = ~referred_mask
     metrics["accuracy_decided"] = float(((test_p[decided] >= spec.threshold) == (test.labels[decided] == 1)).mean())
+    smear_test = (test.frame["source"] == SMEAR).to_numpy()
+    if spec.field_threshold is not None and smear_test.any():  # smear cells under the rule fields use
+        field_metrics = evaluation.classification_metrics(
+            test.labels[smear_test], test_p[smear_test], spec.field_threshold
+        )
+        metrics |= {f"smear_field_rule_{k}": v for k, v in field_metrics.items()}
     out_dir.mkdir(parents=True, exist_ok=True)
     evaluation.plot_confusion_matrix(test.labels, test_p, spec, out_dir / "confusion_matrix.png")
     evaluation.plot_roc(test.labels, test_p, out_dir / "roc_curve.png")

@@ -44,6 +44,16 @@ class ModelSpec(BaseModel):
     refer_band: tuple[float, float] = Field(
         (0.2, 0.8), description="P(positive) in [low, high) is sent to a human ('refer')."
     )
+    field_threshold: float | None = Field(
+        None,
+        gt=0,
+        lt=1,
+        description="Threshold for cells of smear fields, where infected cells are rare (chosen on smear "
+        "validation cells for a target specificity); None: the crop threshold.",
+    )
+    field_refer_band: tuple[float, float] | None = Field(
+        None, description="Refer band for cells of smear fields; None: the crop band."
+    )
     training_sources: list[str] = Field(
         default_factory=list,
         description="Data the model was trained on: nih, smear, synthetic (a generated demo set); empty: not recorded.",
@@ -63,6 +73,8 @@ class ModelSpec(BaseModel):
         if self.output == "sigmoid" and self.sigmoid_class not in self.class_names:
             raise ValueError("a sigmoid model needs sigmoid_class, one of class_names")
         check_refer_band(self.refer_band)
+        if self.field_refer_band is not None:
+            check_refer_band(self.field_refer_band)
         return self
 
     @property
@@ -93,6 +105,15 @@ class ModelSpec(BaseModel):
         if low <= probability < high:
             return "refer"
         return "parasitized" if probability >= self.threshold else "uninfected"
+
+    def for_fields(self) -> ModelSpec:
+        """The decision rule for cells of smear fields: the field threshold and band where they are set."""
+        update = {}
+        if self.field_threshold is not None:
+            update["threshold"] = self.field_threshold
+        if self.field_refer_band is not None:
+            update["refer_band"] = self.field_refer_band
+        return self.model_copy(update=update) if update else self
 
     def with_refer_band(self, band: tuple[float, float] | None) -> ModelSpec:
         """This spec with another refer band (``None``: unchanged), validated."""

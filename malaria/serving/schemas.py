@@ -44,4 +44,6 @@ class ModelInfo(BaseModel):
     threshold: float
     refer_band: tuple[float, float]
     temperature: float
+    field_threshold: float = Field(description="Threshold for cells of smear fields (rare positives).")
+    field_refer_band: tuple[float, float] = Field(description="Refer band for cells of smear fields.")
     training_sources: list[str] = Field(description="nih, smear, synthetic (a demo model: not for real samples).")

@@ -68,7 +68,7 @@ def test_a_field_is_counted_like_in_process(server, field, champion):
     assert len(match_boxes(field.cells, [tuple(c["box"]) for c in whole])) == len(field.cells)
     expected = in_process(champion, field.image, 40)
     assert [c["probability_parasitized"] for c in body["cells"]] == pytest.approx(list(expected), abs=1e-4)
-    spec = champion[1].spec
+    spec = champion[1].spec.for_fields()
     parasitized = sum(spec.labels([c["probability_parasitized"]])[0] == "Parasitized" for c in whole)
     assert body["counts"]["parasitized"] == parasitized
     assert body["parasitemia_percent"] == pytest.approx(100 * parasitized / len(whole), abs=1e-3)

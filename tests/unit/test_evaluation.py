@@ -63,3 +63,19 @@ def test_refer_band_never_refers_more_than_allowed(scores):
     y, p = scores
     low, high = choose_refer_band(y, p, 0.5, target_accuracy=1.0, max_referred=0.1)
     assert ((p >= low) & (p < high)).mean() <= 0.101
+
+
+def test_the_field_threshold_is_the_lowest_reaching_the_target_specificity():
+    import numpy as np
+
+    from malaria.evaluate import choose_specific_threshold
+
+    negatives = np.linspace(0.0, 0.99, 1000)  # 1000 uninfected cells
+    labels = np.r_[np.zeros(1000), np.ones(10)]
+    probability = np.r_[negatives, np.full(10, 0.999)]
+    t = choose_specific_threshold(labels, probability, 0.995)
+    specificity = (negatives < t).mean()
+    assert specificity >= 0.995 and (negatives < t - 0.002).mean() < 0.995  # reached, and not by a margin
+    assert (
+        choose_specific_threshold(np.r_[np.zeros(100), np.ones(5)], np.r_[np.full(100, 0.1), np.ones(5)], 0.995) == 0.5
+    )

@@ -81,3 +81,17 @@ def test_inconsistent_specs_are_rejected(bad):
 def test_missing_spec_is_a_clear_error():
     with pytest.raises(ValueError, match="no 'spec'"):
         ModelSpec.from_metadata({})
+
+
+def test_cells_of_smear_fields_follow_the_field_rule_where_it_is_set():
+    spec = ModelSpec(threshold=0.5, refer_band=(0.2, 0.8), field_threshold=0.9, field_refer_band=(0.85, 0.95))
+    fields = spec.for_fields()
+    assert spec.labels([0.7]) == ["Parasitized"] and fields.labels([0.7]) == ["Uninfected"]
+    assert (
+        fields.decision(0.7) == "uninfected"
+        and fields.decision(0.9) == "refer"
+        and fields.decision(0.97) == "parasitized"
+    )
+    assert ModelSpec().for_fields() == ModelSpec()  # no field rule: the crop rule
+    with pytest.raises(ValueError):
+        ModelSpec(field_refer_band=(0.9, 0.1))
