@@ -20,7 +20,7 @@ def import_model(settings: Settings, version: str | None = None):
     record = get_version(settings, version)
     uri = f"models:/{record.name}@{settings.champion_alias}" if version is None else record.uri
     metadata = {
-        "spec": record.spec.model_dump(mode="json"),
+        "spec": record.spec.model_dump(mode="json", exclude_none=True),  # BentoML metadata takes no None
         "mlflow_model_uri": uri,
         "mlflow_version": record.version,
         "mlflow_run_id": record.run_id,

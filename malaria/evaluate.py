@@ -148,7 +148,8 @@ def evaluate_model(
         field = ~crops
         field_threshold = choose_specific_threshold(val.labels[field], val_p[field], settings.smear_target_specificity)
         update["field_threshold"] = field_threshold
-        update["field_refer_band"] = choose_refer_band(val.labels[field], val_p[field], field_threshold, target)
+        # The band stays the crops' (None): chosen for an accuracy target, a field's band would be empty,
+        # since calling every cell uninfected is already 99 % accurate there; review needs the uncertain cells.
     spec = record.spec.model_copy(update=update)
 
     test_p = predict_probability(model, test.images, spec)
