@@ -18,6 +18,10 @@ backend="${IMAGE_BACKEND:-}"
 if [[ -z "$backend" ]]; then
     if command -v docker >/dev/null && docker info >/dev/null 2>&1; then backend=docker; else backend=buildah; fi
 fi
+if ! command -v "$backend" >/dev/null; then
+    echo "make image needs a Docker engine or buildah: neither answers here (apt-get install buildah; see docs/deployment.md)" >&2
+    exit 2
+fi
 started=$SECONDS
 
 # vfs storage copies the whole file system per layer: one build of both images peaked at 10.7 GB
@@ -80,7 +84,7 @@ TMPDIR="$PWD/build/tmp" "$bentoml" containerize "$tag" --backend "$backend" -t "
 # The flows image, from a context holding only what it adds.
 flows_context=build/flows-image
 rm -rf "$flows_context" && mkdir -p "$flows_context"
-cp -r flows requirements "$flows_context"/
+cp -r flows malaria requirements "$flows_context"/
 find "$flows_context" -name __pycache__ -prune -exec rm -rf {} +
 flows_image="malaria-flows:${version}"
 if [[ "$backend" == docker ]]; then
