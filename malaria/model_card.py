@@ -52,9 +52,9 @@ def render(record: RegisteredVersion, smear_eval: dict | None = None) -> str:
         f"P >= {spec.threshold:.3f}; P in [{low:.3f}, {high:.3f}) is flagged `refer` (both chosen on the "
         "validation split by `malaria evaluate`)."
         + (
-            f" Cells of smear fields, where infected cells are rare, use P >= {spec.field_threshold:.3f} and "
-            f"refer [{spec.for_fields().refer_band[0]:.3f}, {spec.for_fields().refer_band[1]:.3f}) (chosen on smear "
-            "validation cells for the target specificity)."
+            f" Cells of smear fields, where infected cells are rare, use P >= {spec.field_threshold:.3f} (the "
+            "lowest threshold reaching the target specificity on smear validation cells) and refer "
+            f"[{spec.for_fields().refer_band[0]:.3f}, {spec.for_fields().refer_band[1]:.3f})."
             if spec.field_threshold is not None
             else ""
         ),

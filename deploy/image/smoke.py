@@ -47,7 +47,7 @@ def held_out_cells(per_class: int) -> tuple[list[Path], list[str]]:
         prepare(settings)
     root = ensure_dataset(settings, allow_download=False)
     manifest = read_manifest(settings.splits_path)
-    test = manifest[manifest["split"] == "test"].sort_values("path")
+    test = manifest[(manifest["split"] == "test") & (manifest["source"] == "nih")].sort_values("path")
     chosen = test.groupby("label", group_keys=False).head(per_class)
     return [root / p for p in chosen["path"]], list(chosen["label"])
 
