@@ -252,7 +252,21 @@ class Settings(BaseSettings):
         "and tracing.sample_rate > 0 in BentoML's config). Off by default: unexported spans cost about 10 % of a "
         "worker's CPU.",
     )
-    api_token: str | None = Field(default=None, description="Bearer token; auth is on when set.")
+    api_token: str | None = Field(
+        default=None,
+        description="Bearer token; auth is on when set (empty: off). Surrounding whitespace (a Secret file's "
+        "trailing newline) is stripped; a token of only whitespace is an error, not auth off.",
+    )
+
+    @field_validator("api_token")
+    @classmethod
+    def _clean_token(cls, token: str | None) -> str | None:
+        if token is None or token == "":
+            return None
+        if not token.strip():
+            raise ValueError("api_token is empty or whitespace: unset it to turn auth off")
+        return token.strip()
+
     prediction_log_filenames: FilenamePolicy = Field(
         default="hashed",
         description="Client file names in the prediction log: hashed (sha256, 16 hex digits: the same name gives "

@@ -315,7 +315,11 @@ def test_cli_predict_reports_a_rejected_file_and_classifies_the_rest(server, cel
 
 
 def test_prediction_log_has_one_line_per_successful_prediction(server):
-    assert server.stop() is not None  # SIGTERM: the log is flushed on shutdown
+    import os
+
+    assert server.stop() == 0  # SIGTERM: a graceful exit, the log flushed on shutdown
+    with pytest.raises(ProcessLookupError):  # and no worker of its process group is left behind
+        os.killpg(server.process.pid, 0)
     assert "path=/predict" not in server.output.read_text()  # the access log is off by default
     rows = load_prediction_window(server.log_dir)
     assert len(rows) == server.successes

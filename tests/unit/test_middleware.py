@@ -92,3 +92,17 @@ def test_chunked_body_without_length_is_411():
     response = call(guarded(token=None), "POST", "/predict", content=chunks())
     assert response.status_code == 411
     assert "Content-Length" in response.json()["error"]
+
+
+def test_a_token_from_a_secret_file_loses_its_trailing_newline(monkeypatch):
+    from pydantic import ValidationError
+
+    from malaria.config import Settings
+
+    monkeypatch.setenv("MALARIA_API_TOKEN", "s3cret\n")
+    assert Settings().api_token == "s3cret"
+    monkeypatch.setenv("MALARIA_API_TOKEN", "")  # compose's default: auth off
+    assert Settings().api_token is None
+    monkeypatch.setenv("MALARIA_API_TOKEN", " \n")  # a Secret holding only a newline: refused, not auth off
+    with pytest.raises(ValidationError, match="empty or whitespace"):
+        Settings()
