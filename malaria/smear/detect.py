@@ -25,7 +25,7 @@ from skimage.segmentation import watershed
 
 WORK_DIAMETER_PX = 32.0  # cells are segmented at this diameter (80-px cells of a 1280x960 field: 512x384)
 MIN_AREA_RATIO = 0.3  # below: platelet, debris, a sliver (area over the expected cell's)
-MAX_AREA_RATIO = 3.0  # above: a clump the watershed could not split; not counted
+MAX_AREA_RATIO = 2.2  # above: several cells the watershed left whole; cut into round(area) parts
 NUCLEUS_RATIO = (
     0.6  # nucleus-dark pixels over the expected cell area: a white cell (infected cells: <= 0.61, 95 % <= 0.33)
 )
@@ -33,6 +33,7 @@ PEAK_SPACING = 0.2  # cell centres at least this many diameters apart (watershed
 PEAK_HEIGHT = 0.2  # a seed lies at least this many diameters inside the foreground
 RIDGE_WIDTH = 0.25  # lighter lines narrower than this many diameters separate packed cells
 RIDGE_CONTRAST = 0.2  # ... when lighter than their surroundings by this share of the cell contrast
+MAX_SPLIT = 8  # an object of more cells than this is a thick area, not a monolayer: a clump, not counted
 MIN_CONTRAST = 12.0  # green levels between background and the Otsu threshold: below, nothing is stained
 MIN_CELLS = 20  # fewer counted cells: not a usable field
 MAX_CELLS = 5000  # more red cells than a 50 Mpx photo of a monolayer holds at 80 px: the cell size is wrong
@@ -104,6 +105,34 @@ def small_hole_mask(mask: np.ndarray, expected_area: float) -> np.ndarray:
     return (hole_sizes < 0.5 * expected_area)[hole_labels] & (hole_labels > 0)
 
 
+def _split_clumps(labels: np.ndarray, expected_area: float, nucleus: np.ndarray) -> np.ndarray:
+    """Cut what the watershed left as one object of several cells into that many parts (k-means on the
+    pixel coordinates, k = area over a cell's): packed cells touch along lines no threshold sees.
+
+    On the 160 training fields of the shared set: boxed-cell recall 0.923 -> 0.953, infected cells
+    matched 213 -> 220 of 237 (``MAX_AREA_RATIO`` 2.2 chosen there).
+    """
+    from scipy.cluster.vq import kmeans2
+
+    labels = labels.copy()
+    next_label = int(labels.max()) + 1
+    for prop in regionprops(labels):
+        if prop.area <= MAX_AREA_RATIO * expected_area:
+            continue
+        coords = prop.coords
+        if nucleus[coords[:, 0], coords[:, 1]].sum() > NUCLEUS_RATIO * expected_area:
+            continue  # a white cell is judged whole
+        k = int(round(prop.area / expected_area))
+        if k > MAX_SPLIT:
+            continue
+        _, assigned = kmeans2(coords.astype(float), k, minit="++", seed=np.random.default_rng(0))
+        for part in range(1, k):
+            chosen = coords[assigned == part]
+            labels[chosen[:, 0], chosen[:, 1]] = next_label
+            next_label += 1
+    return labels
+
+
 def detect_cells(rgb: np.ndarray, cell_diameter_px: float) -> FieldDetection:
     """Find and judge every object of a field image (``rgb``: uint8, height x width x 3)."""
     height, width = rgb.shape[:2]
@@ -154,6 +183,7 @@ def detect_cells(rgb: np.ndarray, cell_diameter_px: float) -> FieldDetection:
     labels = watershed(-ndi.distance_transform_edt(foreground) - distance, markers, mask=foreground)
 
     nucleus = _nucleus_stain(green, foreground, background_level)
+    labels = _split_clumps(labels, expected_area, nucleus)
     regions: list[Region] = []
     for prop in regionprops(labels):
         y0, x0, y1, x1 = prop.bbox

@@ -195,3 +195,19 @@ def test_iml_annotations_are_read_and_scored(tmp_path, field):
     analysis["cells"] = [{**c, "label": "Parasitized"} for c in analysis["cells"]]
     worst = summarise_scores([score_field("f1.png", boxes, analysis, seconds=0.5)])
     assert worst["specificity"] == 0.0 and worst["sensitivity"] == 1.0
+
+
+def test_a_clump_of_cells_is_cut_into_as_many_cells():
+    """Three cells packed so tightly that no ridge or distance peak separates them are still three."""
+    from malaria.smear.synthetic import BACKGROUND, CELL
+
+    canvas = np.empty((200, 300, 3), np.uint8)
+    canvas[:] = BACKGROUND
+    yy, xx = np.mgrid[0:200, 0:300]
+    centres = [(100, 100), (133, 100), (166, 100)]  # 40-px cells, centres 33 px apart: one blob
+    for cx, cy in centres:
+        canvas[(xx - cx) ** 2 + (yy - cy) ** 2 < 20**2] = CELL
+    found = detect_cells(canvas, 40)
+    cells = [r for r in found.regions if r.kind == "red_cell"]
+    assert len(cells) == 3
+    assert sorted(x + w / 2 for x, _, w, _ in (r.box for r in cells)) == pytest.approx([100, 133, 166], abs=8)
