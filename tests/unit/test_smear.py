@@ -197,17 +197,19 @@ def test_iml_annotations_are_read_and_scored(tmp_path, field):
     assert worst["specificity"] == 0.0 and worst["sensitivity"] == 1.0
 
 
-def test_a_clump_of_cells_is_cut_into_as_many_cells():
-    """Three cells packed so tightly that no ridge or distance peak separates them are still three."""
+def test_an_object_of_several_cells_area_is_cut_into_as_many_cells():
+    """A blob of three cells' area with no inner line or distance peak to split it (the watershed sees one
+    object) is cut into three, each about a cell's area; one of twelve cells' area is a clump."""
     from malaria.smear.synthetic import BACKGROUND, CELL
 
-    canvas = np.empty((200, 300, 3), np.uint8)
-    canvas[:] = BACKGROUND
-    yy, xx = np.mgrid[0:200, 0:300]
-    centres = [(100, 100), (133, 100), (166, 100)]  # 40-px cells, centres 33 px apart: one blob
-    for cx, cy in centres:
-        canvas[(xx - cx) ** 2 + (yy - cy) ** 2 < 20**2] = CELL
-    found = detect_cells(canvas, 40)
-    cells = [r for r in found.regions if r.kind == "red_cell"]
-    assert len(cells) == 3
-    assert sorted(x + w / 2 for x, _, w, _ in (r.box for r in cells)) == pytest.approx([100, 133, 166], abs=8)
+    def blob(cells: int) -> list:
+        canvas = np.empty((400, 400, 3), np.uint8)
+        canvas[:] = BACKGROUND
+        yy, xx = np.mgrid[0:400, 0:400]
+        canvas[(xx - 200) ** 2 + (yy - 200) ** 2 < cells * 20**2] = CELL  # area = cells x a 40-px cell
+        return detect_cells(canvas, 40).regions
+
+    three = blob(3)
+    assert [r.kind for r in three] == ["red_cell"] * 3
+    assert all(0.7 < r.area_ratio < 1.3 for r in three)
+    assert [r.kind for r in blob(12)] == ["clump"]
