@@ -9,6 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import yaml
 
 from tests.conftest import REPO_ROOT as ROOT
@@ -135,3 +136,17 @@ def test_image_prune_keeps_only_the_current_archive(tmp_path):
     result, _ = _run_with_fake_buildah(tmp_path, "deploy/image/prune.sh", cwd=work)
     assert result.returncode == 0, result.stderr
     assert sorted(p.name for p in (work / "dist").glob("*.oci.tar")) == ["malaria-classifier-new.oci.tar"]
+
+
+@pytest.mark.slow
+def test_make_image_refuses_a_synthetic_model_without_the_override(champion):
+    """The test champion was trained on generated cells: packaging it must be asked for explicitly."""
+    import os
+
+    env = {k: v for k, v in os.environ.items() if k != "MALARIA_IMAGE_ALLOW_SYNTHETIC"}
+    env["BENTOML"] = str(Path(sys.executable).with_name("bentoml"))
+    result = subprocess.run(
+        ["bash", "deploy/image/build.sh"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300
+    )
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert "trained on synthetic data" in result.stderr and "MALARIA_IMAGE_ALLOW_SYNTHETIC=true" in result.stderr
