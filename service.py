@@ -43,6 +43,9 @@ logger = logging.getLogger(__name__)
 settings = get_settings()
 harden_multipart_parsing()
 MODEL = bentoml.models.BentoModel(f"{settings.bento_model_name}:latest")
+# A field's expected red-cell size, per request: 8 to 1000 px, directly or as 7.5 um over the pixel size.
+CellDiameter = Annotated[float, Field(ge=8, le=1000)] | None
+PixelSize = Annotated[float, Field(ge=0.0075, le=0.9375)] | None
 FIELD_CHUNKS_IN_FLIGHT = 2  # a field's model calls queued at once in the batcher
 CPU_THREADS = {"cells": 2, "fields": 1}  # per worker; a worker has one core's share of the CPU
 SYNTHETIC_WARNING = "model trained on synthetic data: a demo, not for real samples"
@@ -250,8 +253,8 @@ class MalariaClassifier:
         self,
         image: ImageUpload,
         ctx: bentoml.Context,
-        cell_diameter_px: Annotated[float, Field(ge=8, le=1000)] | None = None,
-        pixel_size_um: Annotated[float, Field(ge=0.0075, le=0.9375)] | None = None,
+        cell_diameter_px: CellDiameter = None,
+        pixel_size_um: PixelSize = None,
     ) -> SmearAnalysis:
         """Find, classify and count the red cells of one thin-smear field photograph (multipart field ``image``).
 
@@ -265,8 +268,8 @@ class MalariaClassifier:
         self,
         image: ImageUpload,
         ctx: bentoml.Context,
-        cell_diameter_px: Annotated[float, Field(ge=8, le=1000)] | None = None,
-        pixel_size_um: Annotated[float, Field(ge=0.0075, le=0.9375)] | None = None,
+        cell_diameter_px: CellDiameter = None,
+        pixel_size_um: PixelSize = None,
     ) -> Image.Image:
         """The same analysis drawn on the field: a PNG with each cell boxed in its decision's colour."""
         from starlette.responses import Response
