@@ -14,20 +14,6 @@ set -euo pipefail
 
 bentoml="${BENTOML:-.venv/bin/bentoml}"
 python="$(dirname "$bentoml")/python"
-# A demo model trained on generated cells must never pass for a real one: packaging it needs the
-# explicit override (branch builds of the GitHub workflow use it); the service then says so on every answer.
-sources="$("$python" -c '
-import bentoml
-from malaria.config import get_settings
-spec = bentoml.models.get(f"{get_settings().bento_model_name}:latest").info.metadata.get("spec", {})
-print(",".join(spec.get("training_sources", [])) or "unrecorded")
-')"
-if [[ ",$sources," == *",synthetic,"* && "${MALARIA_IMAGE_ALLOW_SYNTHETIC:-false}" != true ]]; then
-    echo "the model in the BentoML store was trained on synthetic data (a demo): train on real cells," >&2
-    echo "or set MALARIA_IMAGE_ALLOW_SYNTHETIC=true to package a demo image (its answers carry X-Model-Warning)" >&2
-    exit 2
-fi
-
 backend="${IMAGE_BACKEND:-}"
 if [[ -z "$backend" ]]; then
     if command -v docker >/dev/null && docker info >/dev/null 2>&1; then backend=docker; else backend=buildah; fi
@@ -50,6 +36,20 @@ if [[ "$backend" == buildah ]]; then
         echo "Free space with \`make image-prune\` (old malaria images, dangling layers) and retry." >&2
         exit 2
     fi
+fi
+
+# A demo model trained on generated cells must never pass for a real one: packaging it needs the
+# explicit override (branch builds of the GitHub workflow use it); the service then says so on every answer.
+sources="$("$python" -c '
+import bentoml
+from malaria.config import get_settings
+spec = bentoml.models.get(f"{get_settings().bento_model_name}:latest").info.metadata.get("spec", {})
+print(",".join(spec.get("training_sources", [])) or "unrecorded")
+')"
+if [[ ",$sources," == *",synthetic,"* && "${MALARIA_IMAGE_ALLOW_SYNTHETIC:-false}" != true ]]; then
+    echo "the model in the BentoML store was trained on synthetic data (a demo): train on real cells," >&2
+    echo "or set MALARIA_IMAGE_ALLOW_SYNTHETIC=true to package a demo image (its answers carry X-Model-Warning)" >&2
+    exit 2
 fi
 
 bentofile=bentofile.yaml
