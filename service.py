@@ -124,13 +124,15 @@ class MalariaClassifier:
             max_latency_ms=settings.max_latency_ms,
             observe_batch=batch_size_histogram.observe,
         )
-        log_dir, dropped, names = (
-            settings.prediction_log_dir,
-            prediction_log_dropped_total.inc,
-            settings.prediction_log_filenames,
-        )
-        self.prediction_log = PredictionLog(log_dir, dropped, filenames=names)
-        self.field_log = PredictionLog(log_dir, dropped, "smear-fields", filenames=names)
+        log_dir, dropped = settings.prediction_log_dir, prediction_log_dropped_total.inc
+        log_options = {
+            "filenames": settings.prediction_log_filenames,
+            "max_queued": settings.prediction_log_max_queued,
+            "max_file_bytes": settings.prediction_log_max_file_mb * 1_000_000,
+            "keep_days": settings.prediction_log_keep_days,
+        }
+        self.prediction_log = PredictionLog(log_dir, dropped, **log_options)
+        self.field_log = PredictionLog(log_dir, dropped, "smear-fields", **log_options)
         self._limiters: dict[str, object] = {}  # created on the event loop, at first use
 
     def _limiter(self, kind: str):

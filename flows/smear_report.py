@@ -18,31 +18,19 @@ from prefect.task_runners import ThreadPoolTaskRunner
 from flows.batch_predict import _is_transient
 from malaria.client import MalariaClient
 from malaria.config import Settings
-from malaria.smear.slides import annotated_name, collect_slides, summarise_slide
+from malaria.smear.slides import analyze_field, annotated_name, collect_slides, summarise_slide
 
 
 @task(retries=3, retry_delay_seconds=[1, 4, 10], retry_condition_fn=_is_transient)
-def analyze_field(
+def analyze_field_task(
     path: Path, url: str, token: str | None, out_dir: Path, slide: str, name: str, cell_diameter_px: float | None
 ) -> dict:
     """One field through the service; its annotated picture under ``out_dir/slide/``. A 4xx is a row."""
-    from bentoml.exceptions import BentoMLException
-
-    from malaria.preprocess import decode_image
-    from malaria.smear.analysis import SmearAnalysis
-    from malaria.smear.render import annotate
-
-    try:
-        with MalariaClient(url, token=token, timeout=300) as client:
-            analysis = client.analyze_smear(path, cell_diameter_px=cell_diameter_px)
-    except BentoMLException as exc:
-        if int(exc.error_code) >= 500:
-            raise
-        return {"path": str(path), "error": str(exc)}
-    target = out_dir / slide / name
-    target.parent.mkdir(parents=True, exist_ok=True)
-    annotate(decode_image(path.read_bytes(), max_pixels=None), SmearAnalysis.model_validate(analysis)).save(target)
-    return {"path": str(path), "annotated": str(target.relative_to(out_dir)), **analysis}
+    with MalariaClient(url, token=token, timeout=300) as client:
+        row = analyze_field(client, path, out_dir / slide / name, cell_diameter_px)
+    if "annotated" in row:  # relative: report.html links it from out_dir
+        row["annotated"] = str(Path(row["annotated"]).relative_to(out_dir))
+    return row
 
 
 def _percent(summary: dict) -> str:
@@ -131,7 +119,7 @@ def smear_report_flow(
     report: dict = {"slides": {}}
     for slide, images in slides.items():
         futures = [
-            analyze_field.submit(path, url, token, out_dir, slide, annotated_name(path, images), cell_diameter_px)
+            analyze_field_task.submit(path, url, token, out_dir, slide, annotated_name(path, images), cell_diameter_px)
             for path in images
         ]
         fields = [future.result() for future in futures]

@@ -6,7 +6,7 @@ import json
 import os
 from pathlib import Path
 
-from malaria.preprocess import IMAGE_SUFFIXES
+from malaria.client import collect_images
 
 LOOSE_FILES = "files"  # the slide name of field images given one by one
 
@@ -16,7 +16,7 @@ def collect_slides(paths: list[Path]) -> dict[str, list[Path]]:
     slides: dict[str, list[Path]] = {}
     for path in map(Path, paths):
         if path.is_dir():
-            images = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+            images = collect_images([path])
             name = path.resolve().name or "slide"
             while name in slides:  # two folders of the same name: both kept
                 name += "+"
@@ -56,36 +56,41 @@ def annotated_name(path: Path, images: list[Path]) -> str:
     return "__".join(path.relative_to(common).parts) + ".annotated.png"
 
 
-def analyze_slides(
-    slides: dict[str, list[Path]], client, out: Path | None, min_cells: int, cell_diameter_px: float | None = None
-) -> dict:
-    """Analyse every field with the service (``client``: a ``MalariaClient``); write annotated fields
-    and ``summary.json`` under ``out``. A field the service rejects (4xx) is a row with its error."""
+def analyze_field(client, path: Path, target: Path | None, cell_diameter_px: float | None = None) -> dict:
+    """One field through the service (``client``: a ``MalariaClient``) -> ``{"path", **analysis}``, its annotated
+    picture written to ``target`` (``"annotated"``). A field the service rejects (4xx) is ``{"path", "error"}``."""
     from bentoml.exceptions import BentoMLException
 
     from malaria.preprocess import decode_image
     from malaria.smear.analysis import SmearAnalysis
     from malaria.smear.render import annotate
 
+    try:
+        analysis = client.analyze_smear(path, cell_diameter_px=cell_diameter_px)
+    except BentoMLException as exc:
+        if int(exc.error_code) >= 500:
+            raise
+        return {"path": str(path), "error": str(exc)}
+    analysis = analysis if isinstance(analysis, dict) else analysis.model_dump()
+    row = {"path": str(path), **analysis}
+    if target is not None:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        field_image = decode_image(path.read_bytes(), max_pixels=None)
+        annotate(field_image, SmearAnalysis.model_validate(analysis)).save(target)
+        row["annotated"] = str(target)
+    return row
+
+
+def analyze_slides(
+    slides: dict[str, list[Path]], client, out: Path | None, min_cells: int, cell_diameter_px: float | None = None
+) -> dict:
+    """Analyse every field with the service; write annotated fields and ``summary.json`` under ``out``."""
     report: dict = {"slides": {}}
     for slide, images in slides.items():
-        fields = []
-        for path in images:
-            try:
-                analysis = client.analyze_smear(path, cell_diameter_px=cell_diameter_px)
-            except BentoMLException as exc:
-                if int(exc.error_code) >= 500:
-                    raise
-                fields.append({"path": str(path), "error": str(exc)})
-                continue
-            analysis = analysis if isinstance(analysis, dict) else analysis.model_dump()
-            fields.append({"path": str(path), **analysis})
-            if out is not None:
-                target = out / slide / annotated_name(path, images)
-                target.parent.mkdir(parents=True, exist_ok=True)
-                field_image = decode_image(path.read_bytes(), max_pixels=None)
-                annotate(field_image, SmearAnalysis.model_validate(analysis)).save(target)
-                fields[-1]["annotated"] = str(target)
+        fields = [
+            analyze_field(client, path, out / slide / annotated_name(path, images) if out else None, cell_diameter_px)
+            for path in images
+        ]
         report["slides"][slide] = {"summary": summarise_slide(fields, min_cells), "fields": fields}
     if out is not None:
         out.mkdir(parents=True, exist_ok=True)
