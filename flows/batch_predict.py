@@ -1,18 +1,22 @@
-"""Send every image under a folder to a running service; results as CSV and JSON plus a summary."""
+"""Classify every image under a folder, through a running service or on Spark; CSV, JSON and a summary."""
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Literal
 
-import pandas as pd
 from bentoml.exceptions import BentoMLException
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
 from prefect.task_runners import ThreadPoolTaskRunner
 from tqdm import tqdm
 
+from malaria.batch import write_outputs
 from malaria.client import MalariaClient, collect_images
+from malaria.config import Settings, get_settings
+
+Engine = Literal["service", "spark"]
 
 
 def _is_transient(task, task_run, state) -> bool:
@@ -33,43 +37,56 @@ def classify_chunk(paths: list[Path], url: str, token: str | None) -> list[dict]
         return client.classify_files(paths)
 
 
+@task
+def score_on_spark(
+    folder: str | Path, out_dir: Path, settings: Settings, master: str, version: str | None, parquet_uri: str | None
+) -> dict:
+    """The registered pipeline over the folder on Spark (no service): the same files, plus Parquet."""
+    from malaria.batch import score_with_spark, spark_session
+    from malaria.registry import get_version
+
+    record = get_version(settings, version)
+    uri = f"models:/{record.name}@{settings.champion_alias}" if version is None else record.uri
+    spark = spark_session(master)
+    return score_with_spark(spark, folder, uri, record.spec.to_json(), record.version, out_dir, parquet_uri)
+
+
 @flow(name="batch-predict", task_runner=ThreadPoolTaskRunner(max_workers=4), log_prints=True)
 def batch_predict_flow(
-    folder: Path,
+    folder: str | Path,
     url: str = "http://localhost:3000",
     token: str | None = None,
     chunk_size: int = 16,
     out_dir: Path = Path("reports/batch"),
+    engine: Engine = "service",
+    settings: Settings | None = None,
+    spark_master: str = "local[*]",
+    model_version: str | None = None,
+    parquet_uri: str | None = None,
 ) -> dict:
-    """Classify a folder through the service with bounded concurrency (the task runner's workers)."""
-    paths = collect_images([folder])
-    chunks = [paths[i : i + chunk_size] for i in range(0, len(paths), chunk_size)]
-    futures = [classify_chunk.submit(chunk, url, token) for chunk in chunks]
-    results: list[dict] = []
-    with tqdm(total=len(paths), desc="classifying", unit="img") as bar:
-        for future in futures:
-            part = future.result()
-            results += part
-            bar.update(len(part))
-    out_dir.mkdir(parents=True, exist_ok=True)
-    frame = pd.DataFrame(results)
-    frame.to_csv(out_dir / "predictions.csv", index=False)
-    (out_dir / "predictions.json").write_text(json.dumps(results, indent=2))
-    failed = [r for r in results if "error" in r]
-    ok = frame[frame.get("error").isna()] if "error" in frame else frame
-    summary = {
-        "total": len(results),
-        "classified": len(ok),
-        "unreadable": [{"path": r["path"], "error": r["error"]} for r in failed],
-        "counts": ok["label"].value_counts().to_dict() if len(ok) else {},
-        "decisions": ok["decision"].value_counts().to_dict() if len(ok) else {},
-    }
-    (out_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+    """Classify a folder: through the service with bounded concurrency (the task runner's workers), or
+    with the registered pipeline on Spark (``engine="spark"``: the champion, or ``model_version``)."""
+    if engine == "spark":
+        settings = settings or get_settings()
+        summary = score_on_spark(folder, out_dir, settings, spark_master, model_version, parquet_uri)
+    else:
+        paths = collect_images([Path(folder)])
+        chunks = [paths[i : i + chunk_size] for i in range(0, len(paths), chunk_size)]
+        futures = [classify_chunk.submit(chunk, url, token) for chunk in chunks]
+        results: list[dict] = []
+        with tqdm(total=len(paths), desc="classifying", unit="img") as bar:
+            for future in futures:
+                part = future.result()
+                results += part
+                bar.update(len(part))
+        summary = write_outputs(results, out_dir)
     create_markdown_artifact(
         key="batch-predict-summary",
-        markdown=f"# Batch prediction of `{folder}`\n\n```json\n{json.dumps(summary, indent=2)}\n```\n",
+        markdown=f"# Batch prediction of `{folder}` ({engine})\n\n```json\n{json.dumps(summary, indent=2)}\n```\n",
     )
-    get_run_logger().info("%d images: %s; %d unreadable", len(results), summary["counts"], len(failed))
+    get_run_logger().info(
+        "%d images: %s; %d unreadable", summary["total"], summary["counts"], len(summary["unreadable"])
+    )
     return summary
 
 

@@ -6,7 +6,7 @@ import logging
 from pathlib import Path
 
 from malaria.config import Settings
-from malaria.registry import get_version
+from malaria.registry import get_version, keras_file
 from malaria.spec import ModelSpec
 
 logger = logging.getLogger(__name__)
@@ -58,7 +58,4 @@ def load_stored_keras(bento_model):
     """
     import keras
 
-    files = sorted(Path(bento_model.path_of("mlflow_model")).glob("data/*.keras"))
-    if not files:
-        raise FileNotFoundError(f"no .keras file in {bento_model.tag}: was it imported by `malaria import-model`?")
-    return keras.saving.load_model(files[0], compile=False, safe_mode=True)
+    return keras.saving.load_model(keras_file(Path(bento_model.path_of("mlflow_model"))), compile=False, safe_mode=True)

@@ -287,16 +287,38 @@ def drift(
 
 @app.command("batch-predict")
 def batch_predict(
-    folder: Path,
+    folder: Annotated[str, typer.Argument(help="A folder, or with --engine spark any URI Spark reads (s3a://...).")],
     url: Annotated[str, typer.Option(envvar="MALARIA_URL")] = "http://localhost:3000",
     token: Annotated[str | None, typer.Option(envvar="MALARIA_API_TOKEN")] = None,
     out: Annotated[Path, typer.Option(help="Output folder.")] = Path("reports/batch"),
+    engine: Annotated[
+        str, typer.Option(help="service: through the running service at --url; spark: the registered model on Spark.")
+    ] = "service",
+    master: Annotated[str, typer.Option(help="Spark master (engine spark): local[*], spark://host:7077, ...")] = (
+        "local[*]"
+    ),
+    version: Annotated[str | None, typer.Option(help="Registered version (engine spark); default: champion.")] = None,
+    parquet: Annotated[
+        str | None, typer.Option(help="Where Spark writes the Parquet rows (a cluster: s3a://...); default: OUT.")
+    ] = None,
 ) -> None:
-    """Classify every image under FOLDER through a running service; CSV, JSON and summary (Prefect flow)."""
+    """Classify every image under FOLDER; CSV, JSON and summary (Prefect flow), plus Parquet with Spark."""
     from flows.batch_predict import batch_predict_flow
 
-    _settings()
-    summary = batch_predict_flow(folder, url=url, token=token, out_dir=out)
+    if engine not in ("service", "spark"):
+        _fail(f"--engine must be service or spark, not {engine!r}")
+    settings = _settings()
+    summary = batch_predict_flow(
+        folder,
+        url=url,
+        token=token,
+        out_dir=out,
+        engine=engine,  # type: ignore[arg-type]
+        settings=settings,
+        spark_master=master,
+        model_version=version,
+        parquet_uri=parquet,
+    )
     typer.echo(
         json.dumps({k: v for k, v in summary.items() if k != "unreadable"} | {"unreadable": len(summary["unreadable"])})
     )

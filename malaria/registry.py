@@ -16,6 +16,8 @@ from malaria.spec import ModelSpec
 
 logger = logging.getLogger(__name__)
 
+KERAS_MODEL_NAME = "keras"  # the bare Keras flavour, logged beside the registered pipeline in every run
+
 SPEC_TAG = "malaria.spec"
 VALIDATION_SET_TAG = "malaria.validation_set"  # which images the version's validation metrics were measured on
 SPLIT_TAG = "malaria.split"  # which images were in which split when the version was trained
@@ -72,6 +74,17 @@ def _signature(spec: ModelSpec):
     )
 
 
+def _example_png(spec: ModelSpec) -> bytes:
+    """A black cell-sized PNG: the pipeline's logged input example."""
+    import io
+
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    Image.new("RGB", (spec.image_size, spec.image_size)).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
 def log_model_version(
     model,
     spec: ModelSpec,
@@ -93,6 +106,8 @@ def log_model_version(
     """
     import mlflow
 
+    from malaria.pyfunc import log_pipeline
+
     mlflow_client = client(settings)
     metrics = {k: v for k, v in (metrics or {}).items() if v == v}  # drop NaN
     with mlflow.start_run(tags=tags) as run:
@@ -110,13 +125,10 @@ def log_model_version(
         if artifacts_dir is not None and artifacts_dir.is_dir():
             mlflow.log_artifacts(str(artifacts_dir), artifact_path="training_artifacts")
         mlflow.log_dict(spec.model_dump(mode="json"), "model_spec.json")
-        info = mlflow.keras.log_model(
-            model,
-            name="model",
-            signature=_signature(spec),
-            metadata={"spec": spec.model_dump(mode="json")},
-            registered_model_name=settings.registered_model_name,
-        )
+        # The Keras flavour for whoever wants the bare network (tensors in, raw sigmoid out); the
+        # registered version is the pipeline, which answers like the service (malaria/pyfunc.py).
+        mlflow.keras.log_model(model, name=KERAS_MODEL_NAME, signature=_signature(spec))
+        info = log_pipeline(model, spec, settings.registered_model_name, input_example=_example_png(spec))
     version = str(info.registered_model_version)
     version_tags = {SPEC_TAG: spec.to_json(), **(version_tags or {})}
     for key, value in version_tags.items():
@@ -218,12 +230,22 @@ def update_spec(settings: Settings, version: str, spec: ModelSpec) -> None:
     client(settings).set_model_version_tag(settings.registered_model_name, str(version), SPEC_TAG, spec.to_json())
 
 
+def keras_file(model_dir: Path) -> Path:
+    """The ``.keras`` file inside a stored MLflow model: the pipeline's artifact, or a Keras flavour's data."""
+    files = sorted(Path(model_dir).glob("artifacts/*.keras")) or sorted(Path(model_dir).glob("data/*.keras"))
+    if not files:
+        raise RegistryError(f"no .keras file in {model_dir}: was it logged by `malaria train` or `malaria register`?")
+    return files[0]
+
+
 def load_keras_model(settings: Settings, version: str | None = None):
     """The native Keras model of a registered version (default: champion) and its record."""
+    import keras
     import mlflow
 
     record = get_version(settings, version)
-    return mlflow.keras.load_model(record.uri), record
+    model_dir = Path(mlflow.artifacts.download_artifacts(record.uri, tracking_uri=settings.mlflow_tracking_uri))
+    return keras.saving.load_model(keras_file(model_dir), compile=False, safe_mode=True), record
 
 
 def check_keras_model(path: Path, class_names: list[str], sigmoid_class: str | None):

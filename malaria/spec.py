@@ -106,6 +106,17 @@ class ModelSpec(BaseModel):
             return "refer"
         return "parasitized" if probability >= self.threshold else "uninfected"
 
+    def answer(self, probability: float) -> dict:
+        """One image's answer from its P(positive): what ``/predict`` and the MLflow pyfunc both return."""
+        p = float(probability)
+        label = self.positive_class if p >= self.threshold else self.negative_class
+        return {
+            "label": label,
+            "probability_parasitized": round(p, 6),
+            "confidence": round(p if label == self.positive_class else 1 - p, 6),
+            "decision": self.decision(p),
+        }
+
     def for_fields(self) -> ModelSpec:
         """The decision rule for cells of smear fields: the field threshold and band where they are set."""
         update = {}

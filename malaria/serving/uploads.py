@@ -128,18 +128,9 @@ def make_predictions(
     request_id: str,
     names: list[str | None],
 ) -> list[Prediction]:
-    labels = spec.labels(probability)
     return [
-        Prediction(
-            label=label,
-            probability_parasitized=round(float(p), 6),
-            confidence=round(float(p if label == spec.positive_class else 1 - p), 6),
-            decision=spec.decision(float(p)),
-            model_version=model_version,
-            request_id=request_id,
-            filename=name,
-        )
-        for p, label, name in zip(probability, labels, names, strict=True)
+        Prediction(**spec.answer(p), model_version=model_version, request_id=request_id, filename=name)
+        for p, name in zip(probability, names, strict=True)
     ]
 
 

@@ -51,8 +51,10 @@ def test_run_and_registry_hold_params_metrics_spec_and_signature(champion):
     assert run.data.params["image_size"] == "32" and run.data.params["profile"] == "quick"
     assert {"val_accuracy", "test_roc_auc", "test_ece"} <= set(run.data.metrics)
     info = mlflow.models.get_model_info(f"models:/{settings.registered_model_name}@champion")
-    assert info.signature.inputs.to_dict()[0]["tensor-spec"]["shape"] == (-1, 32, 32, 3)
+    assert [column["name"] for column in info.signature.inputs.to_dict()] == ["image", "path"]  # the pipeline
     assert info.metadata["spec"]["image_size"] == 32
+    keras = mlflow.models.get_model_info(f"runs:/{record.run_id}/keras")  # the bare network, same run
+    assert keras.signature.inputs.to_dict()[0]["tensor-spec"]["shape"] == (-1, 32, 32, 3)
     champion_record = get_version(settings)
     assert champion_record.version == record.version and champion_record.is_champion
     assert champion_record.spec == record.spec
