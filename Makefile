@@ -9,7 +9,7 @@ BENTO_MODEL ?= malaria-classifier
 export PREFECT_SERVER_ANALYTICS_ENABLED ?= false
 export TF_CPP_MIN_LOG_LEVEL ?= 2
 
-.PHONY: install model data report train evaluate import serve test test-fast lint format bento bento-offline bento-gpu base-image image image-prune image-smoke bench bench-batch soak clean
+.PHONY: install model data report train evaluate import serve test test-fast lint format bento bento-offline bento-gpu base-image image image-prune image-smoke bench bench-batch lab-screenshot soak clean
 
 $(BIN)/malaria: pyproject.toml requirements/serving.txt requirements/train.txt
 	$(PYTHON) -m venv $(VENV)
@@ -96,6 +96,9 @@ image-smoke: install ## run the image from `make image`, classify held-out cells
 
 bench: install ## limit vs served throughput in one run -> benchmarks/results.json, benchmarks/README.md
 	$(BIN)/python benchmarks/bench.py
+
+lab-screenshot: install ## the lab page on a generated field -> docs/images/lab-page.png (and its load time)
+	$(BIN)/python -m benchmarks.lab_page
 
 bench-batch: install ## one archive through the service and on Spark -> benchmarks/batch.json, benchmarks/README.md
 	$(BIN)/python -m benchmarks.batch_engines

@@ -9,24 +9,30 @@ concurrent single-image ``/predict`` calls are batched together (``malaria_batch
 from __future__ import annotations
 
 import asyncio
+import io
 import logging
 import time
-from typing import Annotated
+from typing import Annotated, Literal
 
 import anyio
 import bentoml
 import numpy as np
 from PIL import Image
-from pydantic import Field
+from pydantic import BeforeValidator, Field
 
 from malaria.config import get_settings
+from malaria.explain import grid, occlusion_batch, occlusion_map
+from malaria.preprocess import to_model_input
 from malaria.serving.batching import BatchedModel, monotonic_ms
 from malaria.serving.middleware import BearerAuthMiddleware, BodyLimitMiddleware, ConnectionRecycleMiddleware
+from malaria.serving.page import UI_PATH, page_app
 from malaria.serving.prediction_log import PredictionLog
-from malaria.serving.schemas import BatchResult, ModelInfo, Prediction
+from malaria.serving.reviews import ReviewStore
+from malaria.serving.schemas import BatchResult, Explanation, ModelInfo, Prediction, ReviewStored
 from malaria.serving.uploads import (
     ImageUpload,
     PayloadTooLarge,
+    decode_cell,
     decode_field,
     harden_multipart_parsing,
     make_predictions,
@@ -34,7 +40,16 @@ from malaria.serving.uploads import (
     prepare_uploads,
     summarize,
 )
-from malaria.smear.analysis import SmearAnalysis, SmearTiming, expected_diameter, prepare_field, summarise_field
+from malaria.smear.analysis import (
+    CellNotFoundError,
+    SmearAnalysis,
+    SmearTiming,
+    cell_at,
+    expected_diameter,
+    flag_for_review,
+    prepare_field,
+    summarise_field,
+)
 from malaria.smear.detect import FieldTooLargeError
 from malaria.smear.render import annotated_png
 from malaria.spec import ModelSpec
@@ -46,6 +61,11 @@ MODEL = bentoml.models.BentoModel(f"{settings.bento_model_name}:latest")
 # A field's expected red-cell size, per request: 8 to 1000 px, directly or as 7.5 um over the pixel size.
 CellDiameter = Annotated[float, Field(ge=8, le=1000)] | None
 PixelSize = Annotated[float, Field(ge=0.0075, le=0.9375)] | None
+# A cell of a field, as /analyze_smear answered it: "x,y,width,height" in pixels of the upright field.
+CellBox = Annotated[str, Field(pattern=r"^\s*\d{1,6}\s*,\s*\d{1,6}\s*,\s*\d{1,6}\s*,\s*\d{1,6}\s*$")] | None
+# BentoML reads a form value that looks like JSON as JSON ("3" arrives as 3): text fields take it back as text.
+AsText = BeforeValidator(lambda value: value if value is None else str(value))
+ShortText = Annotated[str, AsText, Field(max_length=128)] | None
 FIELD_CHUNKS_IN_FLIGHT = 2  # a field's model calls queued at once in the batcher
 CPU_THREADS = {"cells": 2, "fields": 1}  # per worker; a worker has one core's share of the CPU
 SYNTHETIC_WARNING = "model trained on synthetic data: a demo, not for real samples"
@@ -90,6 +110,7 @@ batch_size_histogram = bentoml.metrics.Histogram(
     logging={"access": {"enabled": settings.access_log}},
     tracing={} if settings.tracing else {"excluded_urls": [".*"]},
 )
+@bentoml.asgi_app(page_app(), path=UI_PATH)
 class MalariaClassifier:
     """Thin-smear cell crops in; Parasitized / Uninfected with a calibrated probability out."""
 
@@ -133,6 +154,8 @@ class MalariaClassifier:
         }
         self.prediction_log = PredictionLog(log_dir, dropped, **log_options)
         self.field_log = PredictionLog(log_dir, dropped, "smear-fields", **log_options)
+        self.reviews = ReviewStore(settings.review_database_url(), settings.review_keep_days)
+        self.audit_rng = np.random.default_rng()
         self._limiters: dict[str, object] = {}  # created on the event loop, at first use
 
     def _limiter(self, kind: str):
@@ -186,6 +209,32 @@ class MalariaClassifier:
         predictions = await self._run(images, ctx)
         return BatchResult(predictions=predictions, summary=summarize(predictions, self.spec))
 
+    async def _probabilities(self, batch: np.ndarray) -> np.ndarray:
+        """P(parasitized) of many model inputs (a field's cells, occluded copies) through the shared batcher."""
+        step = settings.max_batch_size  # the batcher's unit: these queue beside other callers' images
+        chunks = [batch[i : i + step] for i in range(0, len(batch), step)]
+        in_flight = asyncio.Semaphore(FIELD_CHUNKS_IN_FLIGHT)
+
+        async def classify(chunk: np.ndarray) -> np.ndarray:
+            async with in_flight:  # a big batch waits here, not in the batcher's queue (whose overflow is a 503)
+                return await self.model(chunk)
+
+        outputs = await asyncio.gather(*(classify(chunk) for chunk in chunks))
+        return self.spec.probability_positive(np.concatenate(outputs)) if chunks else np.empty(0)
+
+    def _cell_image(self, upload: ImageUpload, box: str | None, diameter: float) -> tuple[Image.Image, str]:
+        """The cell the model sees: an uploaded crop as it is, or a field's cell (``box``) cut as fields are cut."""
+        if box is None:
+            return decode_cell(upload, settings), "crop"
+        field = decode_field(upload, settings)
+        x, y, w, h = (int(v) for v in box.split(","))
+        try:
+            return Image.fromarray(cell_at(np.asarray(field), (x, y, w, h), diameter)), "field"
+        except FieldTooLargeError as exc:
+            raise PayloadTooLarge(str(exc)) from exc
+        except CellNotFoundError as exc:
+            raise bentoml.exceptions.InvalidArgument(str(exc)) from exc
+
     async def _analyze_field(
         self, upload: ImageUpload, cell_diameter_px: float | None, pixel_size_um: float | None, ctx: bentoml.Context
     ) -> tuple[Image.Image, SmearAnalysis]:
@@ -202,16 +251,7 @@ class MalariaClassifier:
 
         image, field = await anyio.to_thread.run_sync(prepare, limiter=self._limiter("fields"))
         model_started = time.perf_counter()
-        step = settings.max_batch_size  # the batcher's unit: a field's cells queue beside other callers' images
-        chunks = [field.batch[i : i + step] for i in range(0, len(field.batch), step)]
-        in_flight = asyncio.Semaphore(FIELD_CHUNKS_IN_FLIGHT)
-
-        async def classify(chunk: np.ndarray) -> np.ndarray:
-            async with in_flight:  # a big field waits here, not in the batcher's queue (whose overflow is a 503)
-                return await self.model(chunk)
-
-        outputs = await asyncio.gather(*(classify(chunk) for chunk in chunks))
-        probability = self.spec.probability_positive(np.concatenate(outputs)) if chunks else np.empty(0)
+        probability = await self._probabilities(field.batch)
         timing = SmearTiming(
             detect_ms=round(field.detect_ms, 2),
             crop_ms=round(field.crop_ms, 2),
@@ -228,6 +268,7 @@ class MalariaClassifier:
             timing=timing,
             filename=upload.filename,
         )
+        flag_for_review(analysis, settings.review_audit_share, self.audit_rng)
         smear_fields_total.labels(usable=str(analysis.usable).lower()).inc()
         for cell in analysis.cells:
             if not cell.edge:
@@ -282,6 +323,80 @@ class MalariaClassifier:
         png = await anyio.to_thread.run_sync(annotated_png, field_image, analysis, limiter=self._limiter("fields"))
         return Response(png, media_type="image/png")  # encoded on the thread, not by BentoML on the event loop
 
+    @bentoml.api(route="/explain")
+    async def explain(
+        self,
+        image: ImageUpload,
+        ctx: bentoml.Context,
+        box: CellBox = None,
+        cell_diameter_px: CellDiameter = None,
+    ) -> Explanation:
+        """Why the model answered as it did for one cell: an occlusion heatmap (model-agnostic).
+
+        ``image`` is a cell crop; or a field with ``box`` ("x,y,width,height" of a cell ``/analyze_smear``
+        answered), whose cell is cut as the field analysis cuts it and judged by the field rule.
+        """
+        request_id = self._start_answer(ctx)
+        spec = self.spec if box is None else self.field_spec
+        diameter = expected_diameter(settings.smear_cell_diameter_px, cell_diameter_px, None)
+        patch, stride = grid(spec.image_size)
+
+        def prepare():
+            cell, _ = self._cell_image(image, box, diameter)
+            return occlusion_batch(to_model_input(cell, spec), patch, stride)
+
+        batch, positions = await anyio.to_thread.run_sync(prepare, limiter=self._limiter("fields"))
+        probability = await self._probabilities(batch)
+        heat = occlusion_map(probability, positions, spec.image_size, patch)
+        return Explanation(
+            **spec.answer(probability[0]),
+            model_version=self.version,
+            request_id=request_id,
+            method="occlusion",
+            patch_px=patch,
+            stride_px=stride,
+            heatmap=np.round(heat, 4).tolist(),
+        )
+
+    @bentoml.api(route="/review")
+    async def review(
+        self,
+        image: ImageUpload,
+        label: Literal["Parasitized", "Uninfected", "unsure"],
+        reviewer: Annotated[str, AsText, Field(min_length=1, max_length=128, pattern=r"\S")],
+        ctx: bentoml.Context,
+        reason: Literal["refer", "clicked", "audit"] = "clicked",
+        box: CellBox = None,
+        cell_diameter_px: CellDiameter = None,
+        request_id: ShortText = None,
+        model_version: ShortText = None,
+        model_label: ShortText = None,
+        probability_parasitized: Annotated[float, Field(ge=0, le=1)] | None = None,
+    ) -> ReviewStored:
+        """Store a person's label for one cell of the review queue: the crop (content-addressed), who, when,
+        and the model's answer. ``image`` and ``box`` as for ``/explain``."""
+        self._start_answer(ctx)
+        diameter = expected_diameter(settings.smear_cell_diameter_px, cell_diameter_px, None)
+
+        def store() -> ReviewStored:
+            cell, source = self._cell_image(image, box, diameter)
+            buffer = io.BytesIO()
+            cell.save(buffer, format="PNG")  # from pixels: no EXIF, no file name
+            review_id, sha256 = self.reviews.add(
+                buffer.getvalue(),
+                label=label,
+                reviewer=reviewer.strip(),
+                reason=reason,
+                source=source,
+                model_label=model_label,
+                probability_parasitized=probability_parasitized,
+                model_version=model_version,
+                request_id=request_id,
+            )
+            return ReviewStored(id=review_id, label=label, source=source, crop_sha256=sha256)
+
+        return await anyio.to_thread.run_sync(store, limiter=self._limiter("fields"))
+
     @bentoml.api(route="/model_info")
     def model_info(self) -> ModelInfo:
         """The served model: tag, MLflow version and run, metrics, input size, classes, threshold."""
@@ -313,6 +428,8 @@ MalariaClassifier.add_asgi_middleware(
         "/predict": settings.max_image_bytes + FORM_OVERHEAD_BYTES,
         "/analyze_smear": settings.max_smear_bytes + FORM_OVERHEAD_BYTES,
         "/annotate_smear": settings.max_smear_bytes + FORM_OVERHEAD_BYTES,
+        "/explain": settings.max_smear_bytes + FORM_OVERHEAD_BYTES,
+        "/review": settings.max_smear_bytes + FORM_OVERHEAD_BYTES,
     },
 )
 MalariaClassifier.add_asgi_middleware(ConnectionRecycleMiddleware, max_requests=settings.max_requests_per_connection)

@@ -26,6 +26,8 @@ docs_app = typer.Typer(help="Regenerate the generated parts of the docs.", no_ar
 app.add_typer(docs_app, name="docs")
 smear_app = typer.Typer(help="Smear fields: analyse slides, evaluate against annotated fields.", no_args_is_help=True)
 app.add_typer(smear_app, name="smear")
+feedback_app = typer.Typer(help="The review queue's labels: export them for training.", no_args_is_help=True)
+app.add_typer(feedback_app, name="feedback")
 
 
 def _settings(**overrides) -> Settings:
@@ -363,6 +365,19 @@ def champion() -> None:
             indent=2,
         )
     )
+
+
+@feedback_app.command("export")
+def feedback_export(
+    out: Annotated[Path, typer.Argument(help="Folder to write Parasitized/, Uninfected/ and manifest.csv into.")],
+    db: Annotated[str | None, typer.Option(help="Review database URL; default: the service's setting.")] = None,
+) -> None:
+    """Write the reviewed cells in the NIH folder layout with a manifest (unsure and disputed cells left out)."""
+    from malaria.serving.reviews import ReviewStore
+
+    settings = _settings()
+    summary = ReviewStore(db or settings.review_database_url(), settings.review_keep_days).export(out)
+    typer.echo(json.dumps(summary))
 
 
 if __name__ == "__main__":

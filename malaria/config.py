@@ -288,6 +288,23 @@ class Settings(BaseSettings):
         description="Folder of the JSON-lines prediction log (one file per day and worker).",
     )
 
+    # Review queue (the lab page)
+    review_db_url: str | None = Field(
+        default=None,
+        description="Database of reviewed cells (SQLAlchemy URL); unset: SQLite in the prediction log folder, for "
+        "one replica. Above one replica, PostgreSQL: postgresql+psycopg://user:password@host/db.",
+    )
+    review_keep_days: int = Field(
+        default=730, ge=1, description="Reviews (and crops no review uses) older than this are deleted at start-up."
+    )
+    review_audit_share: float = Field(
+        default=0.02,
+        ge=0,
+        le=1,
+        description="Share of counted, non-referred field cells sent to the review queue at random (review: audit): "
+        "the unbiased sample the live accuracy is measured on.",
+    )
+
     # Logging
     log_level: str = Field(default="INFO", description="Log level of the malaria loggers.")
     log_dir: Path = Field(default=Path("logs"), description="Folder of malaria.log (unset: console only).")
@@ -310,6 +327,10 @@ class Settings(BaseSettings):
     @property
     def splits_path(self) -> Path:
         return self.workspace_data_dir / "splits.csv"
+
+    def review_database_url(self) -> str:
+        """The review database: ``review_db_url``, else SQLite beside the prediction log."""
+        return self.review_db_url or f"sqlite:///{(self.prediction_log_dir / 'reviews.db').resolve()}"
 
     @property
     def smear_crops_dir(self) -> Path:

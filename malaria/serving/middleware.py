@@ -7,13 +7,22 @@ import json
 from collections import OrderedDict
 
 OPEN_PATHS = frozenset({"/healthz", "/livez", "/readyz", "/metrics"})
+OPEN_PREFIXES = ("/ui/",)  # the lab page's static files: no data in them; the API calls they make carry the token
+
+
+def is_open(scope) -> bool:
+    """Probes, metrics and the page's files (GET/HEAD): answered without a token."""
+    path = scope["path"]
+    if path in OPEN_PATHS:
+        return True
+    return scope.get("method") in ("GET", "HEAD") and (path == "/ui" or path.startswith(OPEN_PREFIXES))
 
 
 class BearerAuthMiddleware:
     """401 for any API call without ``Authorization: Bearer <token>`` when a token is set.
 
     The scheme name is case-insensitive (RFC 9110, 11.1); the token is compared in constant time.
-    Health probes and metrics (``OPEN_PATHS``) stay open.
+    Health probes, metrics and the lab page's files (``is_open``) stay open.
     """
 
     def __init__(self, app, token: str | None):
@@ -21,7 +30,7 @@ class BearerAuthMiddleware:
         self.expected = token.encode() if token else None
 
     async def __call__(self, scope, receive, send):
-        if self.expected is None or scope["type"] != "http" or scope["path"] in OPEN_PATHS:
+        if self.expected is None or scope["type"] != "http" or is_open(scope):
             return await self.app(scope, receive, send)
         scheme, _, given = dict(scope.get("headers") or []).get(b"authorization", b"").partition(b" ")
         if scheme.lower() != b"bearer" or not hmac.compare_digest(given.strip(), self.expected):

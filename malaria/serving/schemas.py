@@ -32,6 +32,33 @@ class BatchResult(BaseModel):
     summary: BatchSummary
 
 
+class Explanation(BaseModel):
+    """Why the model answered as it did for one cell: an occlusion-sensitivity heatmap."""
+
+    label: str
+    probability_parasitized: float
+    confidence: float
+    decision: Decision
+    model_version: str
+    request_id: str
+    method: str = Field(description="occlusion: masked copies of the cell in one batch (works with any runtime).")
+    patch_px: int = Field(description="Side of the square set to black in each copy, in model-input pixels.")
+    stride_px: int
+    heatmap: list[list[float]] = Field(
+        description="Model-input-sized grid (rows of the cell's crop resized to a square): mean drop of "
+        "P(parasitized) when that pixel is hidden; positive: the answer leans on it."
+    )
+
+
+class ReviewStored(BaseModel):
+    """A stored review."""
+
+    id: int
+    label: str
+    source: str = Field(description="field (a cell cut from a field by its box) or crop (an uploaded cell crop).")
+    crop_sha256: str = Field(description="Content address of the stored crop (PNG re-encoded from pixels).")
+
+
 class ModelInfo(BaseModel):
     bento_model: str
     registered_model: str | None

@@ -105,20 +105,25 @@ def prepare_uploads(uploads: list[ImageUpload], spec: ModelSpec, settings: Setti
     batch = np.empty((len(uploads), spec.image_size, spec.image_size, 3), dtype=np.float32)
     sizes = []
     for i, upload in enumerate(uploads):
-        label = f"image {upload.filename or i + 1}"
-        if upload.size == 0:
-            raise InvalidArgument(f"{label}: empty file")
-        if upload.size > settings.max_image_bytes:
-            raise PayloadTooLarge(f"{label}: {upload.size} bytes; the limit is {settings.max_image_bytes} bytes")
-        try:
-            image = decode_image(upload.read(), max_pixels=settings.max_image_pixels)
-        except ImageTooLargeError as exc:
-            raise PayloadTooLarge(f"{label}: {exc}") from exc
-        except InvalidImageError as exc:
-            raise InvalidArgument(f"{label}: {exc}") from exc
+        image = decode_cell(upload, settings, f"image {upload.filename or i + 1}")
         sizes.append(image.size)
         batch[i] = to_model_input(image, spec)
     return PreparedImages(batch, sizes, [upload.filename for upload in uploads])
+
+
+def decode_cell(upload: ImageUpload, settings: Settings, label: str | None = None):
+    """One cell-crop upload -> an upright RGB image, under the cell routes' byte and pixel limits."""
+    label = label or f"image {upload.filename or ''}".strip()
+    if upload.size == 0:
+        raise InvalidArgument(f"{label}: empty file")
+    if upload.size > settings.max_image_bytes:
+        raise PayloadTooLarge(f"{label}: {upload.size} bytes; the limit is {settings.max_image_bytes} bytes")
+    try:
+        return decode_image(upload.read(), max_pixels=settings.max_image_pixels)
+    except ImageTooLargeError as exc:
+        raise PayloadTooLarge(f"{label}: {exc}") from exc
+    except InvalidImageError as exc:
+        raise InvalidArgument(f"{label}: {exc}") from exc
 
 
 def make_predictions(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Literal
 
 import numpy as np
 from PIL import Image
@@ -24,6 +25,11 @@ class SmearCell(BaseModel):
     probability_parasitized: float
     decision: Decision = Field(description="'refer' flags a cell for a person to look at; the label still counts.")
     edge: bool = Field(description="Cut by the image border: shown, not counted.")
+    review: Literal["refer", "audit"] | None = Field(
+        None,
+        description="Why the cell goes to the review queue: the model refers it, or it is in the random audit "
+        "sample of non-referred cells (the unbiased live accuracy); None: not queued.",
+    )
 
 
 class OtherObject(BaseModel):
@@ -101,6 +107,38 @@ def prepare_field(
     for i, region in enumerate(cells):
         batch[i] = to_model_input(Image.fromarray(cell_crop(rgb, region)), spec)
     return PreparedField(rgb, detection, batch, (detected - started) * 1000, (clock() - detected) * 1000)
+
+
+def flag_for_review(analysis: SmearAnalysis, audit_share: float, rng: np.random.Generator) -> None:
+    """Mark the counted cells the review queue gets: every referred one, and ``audit_share`` of the others."""
+    for cell in analysis.cells:
+        if cell.edge:
+            continue
+        if cell.decision == "refer":
+            cell.review = "refer"
+        elif rng.random() < audit_share:
+            cell.review = "audit"
+
+
+class CellNotFoundError(ValueError):
+    """No detected red cell matches the given box."""
+
+
+def box_iou(a: tuple[int, int, int, int], b: tuple[int, int, int, int]) -> float:
+    ax, ay, aw, ah = a
+    bx, by, bw, bh = b
+    inter = max(0, min(ax + aw, bx + bw) - max(ax, bx)) * max(0, min(ay + ah, by + bh) - max(ay, by))
+    union = aw * ah + bw * bh - inter
+    return inter / union if union else 0.0
+
+
+def cell_at(rgb: np.ndarray, box: tuple[int, int, int, int], cell_diameter_px: float) -> np.ndarray:
+    """The red cell of a field at ``box`` (a box ``/analyze_smear`` answered), cut as the model saw it."""
+    cells = [r for r in detect_cells(rgb, cell_diameter_px).regions if r.kind == "red_cell"]
+    best = max(cells, key=lambda r: box_iou(r.box, box), default=None)
+    if best is None or box_iou(best.box, box) < 0.5:
+        raise CellNotFoundError(f"no red cell found at box {list(box)} (with {cell_diameter_px:g}-px cells)")
+    return cell_crop(rgb, best)
 
 
 def wilson_percent(positive: int, total: int) -> tuple[float, float]:
