@@ -154,7 +154,11 @@ class MalariaClassifier:
         }
         self.prediction_log = PredictionLog(log_dir, dropped, **log_options)
         self.field_log = PredictionLog(log_dir, dropped, "smear-fields", **log_options)
-        self.reviews = ReviewStore(settings.review_database_url(), settings.review_keep_days)
+        self._reviews: ReviewStore | None = None
+        try:
+            self._review_store()
+        except bentoml.exceptions.ServiceUnavailable as exc:  # classification does not wait for the review database
+            logger.error("%s: /review answers 503 until it can be opened", exc)
         self.audit_rng = np.random.default_rng()
         self._limiters: dict[str, object] = {}  # created on the event loop, at first use
 
@@ -221,6 +225,15 @@ class MalariaClassifier:
 
         outputs = await asyncio.gather(*(classify(chunk) for chunk in chunks))
         return self.spec.probability_positive(np.concatenate(outputs)) if chunks else np.empty(0)
+
+    def _review_store(self) -> ReviewStore:
+        """The review database, opened (and migrated) at first need; a 503 while it cannot be."""
+        if self._reviews is None:
+            try:
+                self._reviews = ReviewStore(settings.review_database_url(), settings.review_keep_days)
+            except Exception as exc:  # noqa: BLE001 - any driver's error: the database is unavailable
+                raise bentoml.exceptions.ServiceUnavailable(f"review database unavailable: {exc}") from exc
+        return self._reviews
 
     def _cell_image(self, upload: ImageUpload, box: str | None, diameter: float) -> tuple[Image.Image, str]:
         """The cell the model sees: an uploaded crop as it is, or a field's cell (``box``) cut as fields are cut."""
@@ -382,7 +395,7 @@ class MalariaClassifier:
             cell, source = self._cell_image(image, box, diameter)
             buffer = io.BytesIO()
             cell.save(buffer, format="PNG")  # from pixels: no EXIF, no file name
-            review_id, sha256 = self.reviews.add(
+            review_id, sha256 = self._review_store().add(
                 buffer.getvalue(),
                 label=label,
                 reviewer=reviewer.strip(),

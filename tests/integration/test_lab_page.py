@@ -179,3 +179,20 @@ def test_explain_refuses_what_is_not_an_image(server):
         timeout=60,
     )
     assert response.status_code == 400 and "not a recognised image format" in response.text
+
+
+def test_without_its_review_database_the_service_still_classifies_and_review_says_503(champion, tmp_path):
+    blocked = tmp_path / "not-a-folder"
+    blocked.write_text("a file where the database folder should be")
+    server = Server({"MALARIA_REVIEW_DB_URL": f"sqlite:///{blocked}/reviews.db"}, tmp_path / "predictions")
+    try:
+        cell = next((champion[0].data_dir / "Uninfected").glob("*.png")).read_bytes()
+        files = {"image": ("cell.png", cell, "image/png")}
+        assert httpx.post(f"{server.url}/predict", files=files, timeout=60).status_code == 200
+        response = httpx.post(
+            f"{server.url}/review", files=files, data={"label": "Uninfected", "reviewer": "ana"}, timeout=60
+        )
+        assert response.status_code == 503  # BentoML keeps a 5xx's message in the server log:
+    finally:
+        server.stop()
+    assert "review database unavailable" in server.output.read_text()
