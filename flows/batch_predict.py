@@ -39,15 +39,27 @@ def classify_chunk(paths: list[Path], url: str, token: str | None) -> list[dict]
 
 @task
 def score_on_spark(
-    folder: str | Path, out_dir: Path, settings: Settings, master: str, version: str | None, parquet_uri: str | None
+    folder: str | Path,
+    out_dir: Path,
+    settings: Settings,
+    master: str | None,
+    version: str | None,
+    parquet_uri: str | None,
+    fields: bool = False,
 ) -> dict:
-    """The registered pipeline over the folder on Spark (no service): the same files, plus Parquet."""
-    from malaria.batch import score_with_spark, spark_session
+    """The registered pipeline over the folder on Spark (no service): the same files, plus Parquet; with
+    ``fields``, smear fields: one row per red cell."""
+    from malaria.batch import score_fields_with_spark, score_with_spark, spark_session
     from malaria.registry import get_version
 
     record = get_version(settings, version)
     uri = f"models:/{record.name}@{settings.champion_alias}" if version is None else record.uri
     spark = spark_session(master)
+    if fields:
+        diameter = settings.smear_cell_diameter_px
+        return score_fields_with_spark(
+            spark, folder, uri, record.spec.to_json(), record.version, out_dir, diameter, parquet_uri
+        )
     return score_with_spark(spark, folder, uri, record.spec.to_json(), record.version, out_dir, parquet_uri)
 
 
@@ -60,15 +72,18 @@ def batch_predict_flow(
     out_dir: Path = Path("reports/batch"),
     engine: Engine = "service",
     settings: Settings | None = None,
-    spark_master: str = "local[*]",
+    spark_master: str | None = "local[*]",
     model_version: str | None = None,
     parquet_uri: str | None = None,
+    fields: bool = False,
 ) -> dict:
     """Classify a folder: through the service with bounded concurrency (the task runner's workers), or
     with the registered pipeline on Spark (``engine="spark"``: the champion, or ``model_version``)."""
     if engine == "spark":
         settings = settings or get_settings()
-        summary = score_on_spark(folder, out_dir, settings, spark_master, model_version, parquet_uri)
+        summary = score_on_spark(folder, out_dir, settings, spark_master, model_version, parquet_uri, fields)
+    elif fields:
+        raise ValueError("smear fields through the service: `malaria smear analyze` (or engine='spark')")
     else:
         paths = collect_images([Path(folder)])
         chunks = [paths[i : i + chunk_size] for i in range(0, len(paths), chunk_size)]
@@ -84,13 +99,20 @@ def batch_predict_flow(
         key="batch-predict-summary",
         markdown=f"# Batch prediction of `{folder}` ({engine})\n\n```json\n{json.dumps(summary, indent=2)}\n```\n",
     )
-    get_run_logger().info(
-        "%d images: %s; %d unreadable", summary["total"], summary["counts"], len(summary["unreadable"])
-    )
+    if fields:
+        get_run_logger().info("%d fields, %d cells counted", summary["fields"], summary["cells"])
+    else:
+        get_run_logger().info(
+            "%d images: %s; %d unreadable", summary["total"], summary["counts"], len(summary["unreadable"])
+        )
     return summary
 
 
 if __name__ == "__main__":
+    # python flows/batch_predict.py DIR                       -> through the service on localhost:3000
+    # spark-submit --master URL flows/batch_predict.py DIR spark [fields]  -> on that cluster
     import sys
 
-    batch_predict_flow(Path(sys.argv[1]))
+    source, engine = sys.argv[1], (sys.argv[2] if len(sys.argv) > 2 else "service")
+    options = {"engine": engine, "spark_master": None, "fields": "fields" in sys.argv[3:]} if engine == "spark" else {}
+    batch_predict_flow(source, **options)

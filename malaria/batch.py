@@ -54,14 +54,17 @@ def write_outputs(results: list[dict], out_dir: Path) -> dict:
     return summary
 
 
-def spark_session(master: str = "local[*]", app_name: str = "malaria-batch-predict"):
-    """A Spark session for scoring: Arrow on, small Arrow batches, files packed into one task per core."""
+def spark_session(master: str | None = "local[*]", app_name: str = "malaria-batch-predict"):
+    """A Spark session for scoring: Arrow on, small Arrow batches, files packed into one task per core.
+
+    ``master=None`` keeps the one ``spark-submit --master`` (or ``spark-defaults.conf``) gives.
+    """
     os.environ.setdefault("PYSPARK_PYTHON", _python())
     from pyspark.sql import SparkSession
 
+    builder = SparkSession.builder if master is None else SparkSession.builder.master(master)
     return (
-        SparkSession.builder.master(master)
-        .appName(app_name)
+        builder.appName(app_name)
         .config("spark.sql.execution.arrow.pyspark.enabled", "true")
         .config("spark.sql.execution.arrow.maxRecordsPerBatch", str(ARROW_BATCH_ROWS))
         # binaryFile makes one task per small file by default (1,136 tasks for 1,136 crops): with no
@@ -165,4 +168,155 @@ def score_with_spark(
     summary = write_outputs(results, out_dir)
     summary["seconds"] = round(time.perf_counter() - started, 3)
     logger.info("spark: %d images in %.1f s (%s)", summary["total"], summary["seconds"], summary["counts"])
+    return summary
+
+
+# --- smear fields on Spark: one row per detected red cell ----------------------------------------
+
+MAX_FIELD_PIXELS = 50_000_000  # the service's default field limit (MALARIA_MAX_SMEAR_PIXELS)
+CELL_COLUMNS = [
+    ("path", "string"),
+    ("cell", "int"),
+    ("x", "int"),
+    ("y", "int"),
+    ("width", "int"),
+    ("height", "int"),
+    ("label", "string"),
+    ("probability_parasitized", "double"),
+    ("decision", "string"),
+    ("edge", "boolean"),
+    ("usable", "boolean"),
+    ("reason", "string"),
+    ("model_version", "string"),
+]
+PANDAS_TYPES = {name: {"int": "Int32", "boolean": "boolean", "double": "float64"}.get(kind, "object")
+                for name, kind in CELL_COLUMNS}  # fmt: skip
+_PIPELINES: dict = {}  # per Python worker: the loaded pipeline, reused by every task the worker runs
+
+
+def _load_pipeline(model_uri: str, spec_json: str, model_version: str):
+    key = (model_uri, spec_json, model_version)
+    if key not in _PIPELINES:
+        import mlflow
+
+        config = {"spec": spec_json, "model_version": model_version}
+        _PIPELINES[key] = mlflow.pyfunc.load_model(model_uri, model_config=config).unwrap_python_model()
+    return _PIPELINES[key]
+
+
+def field_cell_rows(path: str, content: bytes, pipeline, cell_diameter_px: float) -> list[dict]:
+    """One field image -> one row per red cell, as ``/analyze_smear`` finds and judges them (or one row saying
+    why the field cannot be counted)."""
+    import numpy as np
+
+    from malaria.preprocess import InvalidImageError, decode_image
+    from malaria.smear.analysis import SmearTiming, prepare_field, summarise_field
+    from malaria.smear.detect import FieldTooLargeError
+
+    spec, version = pipeline.spec.for_fields(), pipeline.model_version
+    try:
+        image = decode_image(content, max_pixels=MAX_FIELD_PIXELS)
+        field = prepare_field(image, spec, cell_diameter_px, time.perf_counter)
+    except (InvalidImageError, FieldTooLargeError) as exc:
+        return [{"path": path, "usable": False, "reason": str(exc), "model_version": version}]
+    step = 64
+    outputs = [pipeline.predict_fn(field.batch[i : i + step]) for i in range(0, len(field.batch), step)]
+    probability = spec.probability_positive(np.concatenate(outputs)) if outputs else np.empty(0)
+    timing = SmearTiming(detect_ms=field.detect_ms, crop_ms=field.crop_ms, model_ms=0.0, total_ms=0.0)
+    analysis = summarise_field(
+        field, probability, spec, cell_diameter_px=cell_diameter_px, model_version=version, request_id="", timing=timing
+    )
+    common = {"path": path, "usable": analysis.usable, "reason": analysis.reason, "model_version": version}
+    if not analysis.cells:
+        return [common]
+    return [
+        {
+            **common,
+            "cell": i,
+            **dict(zip(("x", "y", "width", "height"), cell.box, strict=True)),
+            "label": cell.label,
+            "probability_parasitized": cell.probability_parasitized,
+            "decision": cell.decision,
+            "edge": cell.edge,
+        }
+        for i, cell in enumerate(analysis.cells)
+    ]
+
+
+def summarise_fields(cells: pd.DataFrame) -> pd.DataFrame:
+    """Per field: counted cells (edge cells excluded), parasitized, parasitemia and its Wilson interval."""
+    from malaria.smear.analysis import wilson_percent
+
+    rows = []
+    for path, group in cells.groupby("path", sort=True):
+        counted = group[(group["edge"] == False) & group["cell"].notna()]  # noqa: E712 - a nullable column
+        usable = bool(group["usable"].iloc[0]) and len(counted) > 0
+        parasitized = int((counted["label"] == "Parasitized").sum())
+        rows.append(
+            {
+                "path": path,
+                "usable": usable,
+                "reason": group["reason"].iloc[0],
+                "cells": len(counted),
+                "parasitized": parasitized,
+                "parasitemia_percent": round(100 * parasitized / len(counted), 3) if usable else None,
+                "parasitemia_ci95": list(wilson_percent(parasitized, len(counted))) if usable else None,
+            }
+        )
+    return pd.DataFrame(rows)
+
+
+def score_fields_with_spark(
+    spark,
+    source: str | Path,
+    model_uri: str,
+    spec_json: str,
+    model_version: str,
+    out_dir: Path,
+    cell_diameter_px: float,
+    parquet_uri: str | None = None,
+) -> dict:
+    """Smear fields under ``source`` on Spark: ``cells.parquet`` and ``cells.csv`` (one row per red cell, as
+    ``/analyze_smear`` answers), ``fields.csv`` and ``summary.json``. ``mapInPandas``: a field makes many rows.
+    """
+    from pyspark.sql import functions as F
+
+    started = time.perf_counter()
+    suffixes = "|".join(s.lstrip(".") for s in sorted(IMAGE_SUFFIXES))
+    files = (
+        spark.read.format("binaryFile")
+        .option("recursiveFileLookup", "true")
+        .load(str(source) if is_uri(source) else str(Path(source).resolve()))
+        .where(F.lower(F.col("path")).rlike(rf"\.({suffixes})$"))
+        .select("path", "content")
+    )
+
+    def score(batches):
+        pipeline = _load_pipeline(model_uri, spec_json, model_version)
+        for frame in batches:
+            rows = [r for p, c in zip(frame["path"], frame["content"], strict=True) for r in
+                    field_cell_rows(p, bytes(c), pipeline, cell_diameter_px)]  # fmt: skip
+            frame = pd.DataFrame(rows, columns=[name for name, _ in CELL_COLUMNS])
+            yield frame.astype(PANDAS_TYPES)  # nullable: a field that cannot be counted has no cell columns
+
+    schema = ", ".join(f"{name} {kind}" for name, kind in CELL_COLUMNS)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    parquet_uri = parquet_uri or str((out_dir / "cells.parquet").resolve())
+    files.mapInPandas(score, schema=schema).write.mode("overwrite").parquet(parquet_uri)
+    cells = spark.read.parquet(parquet_uri).toPandas()
+    cells["path"] = [_row_path(p, source) for p in cells["path"]]
+    cells = cells.sort_values(["path", "cell"], kind="stable").reset_index(drop=True)
+    cells.to_csv(out_dir / "cells.csv", index=False)
+    fields = summarise_fields(cells)
+    fields.to_csv(out_dir / "fields.csv", index=False)
+    usable = fields[fields["usable"]]
+    summary = {
+        "fields": len(fields),
+        "unusable": [{"path": r["path"], "reason": r["reason"]} for r in fields[~fields["usable"]].to_dict("records")],
+        "cells": int(usable["cells"].sum()),
+        "parasitized": int(usable["parasitized"].sum()),
+    }
+    (out_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+    summary["seconds"] = round(time.perf_counter() - started, 3)
+    logger.info("spark: %d fields, %d cells in %.1f s", summary["fields"], summary["cells"], summary["seconds"])
     return summary

@@ -303,12 +303,17 @@ def batch_predict(
     parquet: Annotated[
         str | None, typer.Option(help="Where Spark writes the Parquet rows (a cluster: s3a://...); default: OUT.")
     ] = None,
+    fields: Annotated[
+        bool, typer.Option(help="Smear fields (engine spark): one row per red cell; cell size: MALARIA_SMEAR_*.")
+    ] = False,
 ) -> None:
     """Classify every image under FOLDER; CSV, JSON and summary (Prefect flow), plus Parquet with Spark."""
     from flows.batch_predict import batch_predict_flow
 
     if engine not in ("service", "spark"):
         _fail(f"--engine must be service or spark, not {engine!r}")
+    if fields and engine != "spark":
+        _fail("--fields needs --engine spark (through the service: `malaria smear analyze`)")
     settings = _settings()
     summary = batch_predict_flow(
         folder,
@@ -320,10 +325,10 @@ def batch_predict(
         spark_master=master,
         model_version=version,
         parquet_uri=parquet,
+        fields=fields,
     )
-    typer.echo(
-        json.dumps({k: v for k, v in summary.items() if k != "unreadable"} | {"unreadable": len(summary["unreadable"])})
-    )
+    failed = "unusable" if fields else "unreadable"
+    typer.echo(json.dumps({k: v for k, v in summary.items() if k != failed} | {failed: len(summary[failed])}))
 
 
 @app.command()

@@ -61,3 +61,42 @@ def test_spark_engine_writes_the_service_engines_files_with_its_answers(
     assert len(parquet) == 11 and set(parquet["label"].dropna()) <= {"Parasitized", "Uninfected"}
     saved = json.loads((tmp_path / "spark" / "summary.json").read_text())
     assert saved["counts"] == by_spark["counts"]
+
+
+def test_spark_scores_smear_fields_one_row_per_cell_like_the_service(
+    champion, tmp_path, prefect_harness, settings_env, monkeypatch
+):
+    import httpx
+
+    from flows.batch_predict import batch_predict_flow
+    from malaria.smear.synthetic import synthetic_field
+
+    monkeypatch.setenv("MALARIA_SMEAR_CELL_DIAMETER_PX", "40")
+    settings = settings_env(champion[0])
+    folder = tmp_path / "slide"
+    folder.mkdir()
+    synthetic_field(seed=1).image.save(folder / "field1.png")
+    (folder / "field2.jpg").write_bytes(b"not a field")
+    summary = batch_predict_flow(folder, out_dir=tmp_path / "out", engine="spark", settings=settings, fields=True)
+    assert summary["fields"] == 2 and [u["path"] for u in summary["unusable"]] == [str(folder / "field2.jpg")]
+
+    server = Server({"MALARIA_SMEAR_CELL_DIAMETER_PX": "40"}, tmp_path / "predictions")
+    try:
+        files = {"image": ("field1.png", (folder / "field1.png").read_bytes(), "image/png")}
+        answer = httpx.post(f"{server.url}/analyze_smear", files=files, timeout=60).json()
+    finally:
+        server.stop()
+    cells = pd.read_csv(tmp_path / "out" / "cells.csv")
+    mine = cells[cells["path"] == str(folder / "field1.png")]
+    assert len(mine) == len(answer["cells"]) > 20
+    assert mine[["x", "y", "width", "height"]].to_numpy().tolist() == [c["box"] for c in answer["cells"]]
+    assert list(mine["label"]) == [c["label"] for c in answer["cells"]]
+    assert list(mine["edge"]) == [c["edge"] for c in answer["cells"]]
+    served = np.array([c["probability_parasitized"] for c in answer["cells"]])
+    assert np.abs(mine["probability_parasitized"].to_numpy() - served).max() <= 1e-5
+    fields = pd.read_csv(tmp_path / "out" / "fields.csv").set_index("path")
+    counted = fields.loc[str(folder / "field1.png")]
+    assert counted["cells"] == answer["counts"]["cells"]
+    assert counted["parasitemia_percent"] == answer["parasitemia_percent"]
+    broken = fields.loc[str(folder / "field2.jpg")]
+    assert not broken["usable"] and "not a recognised image format" in broken["reason"]
