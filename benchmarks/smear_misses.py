@@ -1,0 +1,71 @@
+"""Where a model's smear misses come from: detection or classification, per split and capture block.
+
+    MALARIA_SMEAR_DIR=../shared/data/smears python -m benchmarks.smear_misses [--version N]
+
+In process (no service), for the validation and test fields of the smear split: infected boxed cells
+that no detected cell matches (IoU >= 0.5: lost before the model sees them), the matched ones the
+field rule calls Uninfected, and the matched uninfected cells called Parasitized, per capture block.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from collections import Counter
+
+import numpy as np
+
+from malaria.config import get_settings
+from malaria.preprocess import decode_image
+from malaria.registry import load_keras_model
+from malaria.smear.analysis import prepare_field
+from malaria.smear.annotations import capture_blocks, load_annotations, match_boxes, split_fields
+from malaria.train import predict_probability
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--version", default=None, help="registered version (default: champion)")
+    version = parser.parse_args().version
+    settings = get_settings()
+    if settings.smear_dir is None:
+        raise SystemExit("set MALARIA_SMEAR_DIR to the annotated smear fields")
+    model, record = load_keras_model(settings, version)
+    spec = record.spec.for_fields()
+    annotations = load_annotations(settings.smear_dir)
+    parts = split_fields(sorted(annotations), settings.seed)
+    blocks = capture_blocks(sorted(annotations))
+    report: dict = {"version": record.version, "field_threshold": spec.threshold}
+    for part in ("val", "test"):
+        infected, not_detected, called, uninfected, false_positive = 0, 0, 0, 0, Counter()
+        for name in sorted(n for n in annotations if parts[n] == part):
+            rgb = decode_image((settings.smear_dir / "images" / name).read_bytes(), max_pixels=None)
+            field = prepare_field(rgb, spec, settings.smear_cell_diameter_px, time.perf_counter)
+            cells = field.red_cells
+            probability = predict_probability(model, field.batch, spec) if cells else np.empty(0)
+            width, height = field.detection.image_size
+            boxes = [b for b in annotations[name] if b.interior(width, height)]
+            matches = match_boxes([b.xywh for b in boxes], [c.box for c in cells])
+            for i, box in enumerate(boxes):
+                positive = bool(i in matches and probability[matches[i]] >= spec.threshold)
+                if box.infected:
+                    infected += 1
+                    not_detected += int(i not in matches)
+                    called += int(positive)
+                elif i in matches:
+                    uninfected += 1
+                    false_positive[f"block {blocks[name]:02d}"] += int(positive)
+        report[part] = {
+            "infected_boxed": infected,
+            "infected_not_detected": not_detected,
+            "infected_called": called,
+            "sensitivity_ceiling_from_detection": round(1 - not_detected / infected, 3) if infected else None,
+            "uninfected_matched": uninfected,
+            "false_positives_by_capture_block": dict(sorted(false_positive.items())),
+        }
+    print(json.dumps(report, indent=2))
+
+
+if __name__ == "__main__":
+    main()
