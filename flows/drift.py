@@ -9,8 +9,8 @@ import pandas as pd
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
 
-from malaria.config import get_settings
-from malaria.monitoring import DriftResult, drift_report, load_prediction_window
+from malaria.config import Settings, get_settings
+from malaria.monitoring import DriftResult, drift_report, live_quality, load_prediction_window, window_accuracy
 from malaria.registry import champion_version, reference_features
 
 
@@ -31,6 +31,37 @@ def report_task(reference: pd.DataFrame, current: pd.DataFrame, out_dir: Path, m
     return drift_report(reference, current, out_dir, min_current=min_predictions)
 
 
+@task
+def live_quality_task(settings: Settings, hours: float | None, out_dir: Path) -> pd.DataFrame | None:
+    """Reviewed cells per day and model version (``live_quality.csv``); None if the review database is out of reach."""
+    from malaria.serving.reviews import ReviewStore
+
+    try:
+        rows = pd.DataFrame(ReviewStore(settings.review_database_url(), settings.review_keep_days).rows())
+    except Exception as exc:  # noqa: BLE001 - any driver's error: report drift without the live figure
+        get_run_logger().warning("review database not readable (%s): no live quality figure", exc)
+        return None
+    if hours and len(rows):
+        rows = rows[
+            pd.to_datetime(rows["created_at"], utc=True) >= pd.Timestamp.now(tz="UTC") - pd.Timedelta(hours=hours)
+        ]
+    quality = live_quality(rows)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    quality.to_csv(out_dir / "live_quality.csv", index=False)
+    return quality
+
+
+def notify(alerts: list[str], block: str | None) -> None:
+    """Log each alert; with ``block`` (TYPE/NAME of a Prefect notification block), send them through it."""
+    logger = get_run_logger()
+    for alert in alerts:
+        logger.error("ALERT: %s", alert)
+    if alerts and block:
+        from prefect.blocks.core import Block
+
+        Block.load(block).notify("\n".join(alerts), subject="malaria-bento monitoring")
+
+
 @flow(name="drift", log_prints=True)
 def drift_flow(
     hours: float | None = 24.0,
@@ -49,10 +80,23 @@ def drift_flow(
     reference = load_reference(reference_path, version)
     current = load_window(log_dir or settings.prediction_log_dir, hours, version)
     result = report_task(reference, current, out_dir, min_predictions)
+    quality = live_quality_task(settings, hours, out_dir)
+    if quality is not None:
+        accuracy, reviews = window_accuracy(quality, version)
+        result.live_accuracy, result.live_reviews = accuracy, reviews
+        if accuracy is not None and reviews >= settings.live_min_reviews and accuracy < settings.live_min_accuracy:
+            result.alerts.append(
+                f"live accuracy {accuracy:.3f} on {reviews} reviewed audit cells is below {settings.live_min_accuracy}"
+            )
+    if result.drift_detected:
+        result.alerts.append(result.summary())
+    notify(result.alerts, settings.alert_block)
+    table = quality.to_markdown(index=False) if quality is not None and len(quality) else "no reviewed cells"
     create_markdown_artifact(
         key="drift-summary",
-        markdown=f"# Drift report\n\n{result.summary()}\n\nHTML: `{result.html}`\n",
-        description="Evidently data drift of image features and predicted probability",
+        markdown=f"# Drift report\n\n{result.summary()}\n\nHTML: `{result.html}`\n\n"
+        f"## Reviewed cells (live quality)\n\n{table}\n",
+        description="Evidently data drift of image features and predicted probability; accuracy on reviewed cells",
     )
     get_run_logger().info(result.summary())
     return result

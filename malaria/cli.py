@@ -265,7 +265,10 @@ def drift(
     out: Annotated[Path, typer.Option(help="Report folder.")] = Path("reports/drift"),
     min_predictions: Annotated[int, typer.Option()] = 50,
 ) -> None:
-    """Evidently drift report of recent predictions vs training images. Exit 0: no drift, 3: drift (Prefect flow)."""
+    """Drift of recent predictions vs training images (Evidently) and accuracy on reviewed cells (Prefect flow).
+
+    Exit 0: fine; 3: drift; 4: no drift, but the live accuracy on reviewed audit cells is below the setting.
+    """
     from flows.drift import drift_flow
     from malaria.monitoring import NotEnoughPredictions
 
@@ -284,7 +287,7 @@ def drift(
         _fail(str(exc))
     typer.echo(result.summary())
     typer.echo(f"report: {result.html}")
-    raise typer.Exit(3 if result.drift_detected else 0)
+    raise typer.Exit(3 if result.drift_detected else 4 if result.alerts else 0)
 
 
 @app.command("batch-predict")

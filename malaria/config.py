@@ -305,6 +305,21 @@ class Settings(BaseSettings):
         "the unbiased sample the live accuracy is measured on.",
     )
 
+    live_min_accuracy: float = Field(
+        default=0.9,
+        ge=0,
+        le=1,
+        description="The drift flow alerts when the accuracy on reviewed audit cells in its window is below this.",
+    )
+    live_min_reviews: int = Field(
+        default=30, ge=1, description="Fewer reviewed audit cells in the window: no verdict on the live accuracy."
+    )
+    alert_block: str | None = Field(
+        default=None,
+        description="Prefect notification block the drift flow notifies on drift or low live accuracy, as "
+        "TYPE/NAME (e.g. slack-webhook/lab-alerts); unset: the alert is logged and shown in the flow's artifact.",
+    )
+
     # Logging
     log_level: str = Field(default="INFO", description="Log level of the malaria loggers.")
     log_dir: Path = Field(default=Path("logs"), description="Folder of malaria.log (unset: console only).")

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from functools import lru_cache
 from pathlib import Path
@@ -84,14 +84,22 @@ class DriftResult:
     n_current: int
     html: Path
     json: Path
+    live_accuracy: float | None = None  # on reviewed audit cells of the window (the drift flow fills it)
+    live_reviews: int = 0
+    alerts: list[str] = field(default_factory=list)
 
     def summary(self) -> str:
         verdict = "DRIFT DETECTED" if self.drift_detected else "no drift"
+        live = (
+            f"; live accuracy {self.live_accuracy:.3f} on {self.live_reviews} reviewed audit cells"
+            if self.live_accuracy is not None
+            else "; no reviewed audit cells"
+        )
         return (
             f"{verdict}: {len(self.drifted_columns)}/{len(DRIFT_FEATURES)} image features drifted "
             f"({', '.join(self.drifted_columns) or 'none'}); predicted probability drift: "
             f"{'yes' if self.prediction_drift else 'no'} (score {self.prediction_score:.3g}); "
-            f"{self.n_current} predictions vs {self.n_reference} reference images"
+            f"{self.n_current} predictions vs {self.n_reference} reference images{live}"
         )
 
 
@@ -180,3 +188,43 @@ def drift_report(
         html=html,
         json=json_path,
     )
+
+
+# --- the live quality figure: what reviewers say of the served answers -------------------------
+
+
+def live_quality(reviews: pd.DataFrame) -> pd.DataFrame:
+    """Per day and model version: accuracy on audit reviews (the random sample: unbiased), agreement on
+    referred ones (hard by construction), each with its count. ``unsure`` labels are left out."""
+    import pandas as pd
+    from sklearn.metrics import accuracy_score
+
+    columns = ["day", "model_version", "audit_reviews", "audit_accuracy", "refer_reviews", "refer_agreement"]
+    labelled = reviews[(reviews["label"] != "unsure") & reviews["model_label"].notna()] if len(reviews) else reviews
+    if not len(labelled):
+        return pd.DataFrame(columns=columns)
+    day = pd.to_datetime(labelled["created_at"]).dt.strftime("%Y-%m-%d")
+    rows = []
+    for (date, version), group in labelled.groupby([day, labelled["model_version"].fillna("?")]):
+        audit, refer = group[group["reason"] == "audit"], group[group["reason"] == "refer"]
+        rows.append(
+            {
+                "day": date,
+                "model_version": version,
+                "audit_reviews": len(audit),
+                "audit_accuracy": accuracy_score(audit["label"], audit["model_label"]) if len(audit) else None,
+                "refer_reviews": len(refer),
+                "refer_agreement": accuracy_score(refer["label"], refer["model_label"]) if len(refer) else None,
+            }
+        )
+    return pd.DataFrame(rows, columns=columns)
+
+
+def window_accuracy(quality: pd.DataFrame, model_version: str | None) -> tuple[float | None, int]:
+    """Accuracy on the window's audit reviews of one version (all versions if None), and their count."""
+    rows = quality if model_version is None else quality[quality["model_version"] == str(model_version)]
+    rows = rows[rows["audit_reviews"] > 0]
+    total = int(rows["audit_reviews"].sum())
+    if not total:
+        return None, 0
+    return float((rows["audit_accuracy"] * rows["audit_reviews"]).sum() / total), total

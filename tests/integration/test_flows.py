@@ -216,3 +216,29 @@ def test_batch_predict_retries_server_errors_and_lost_connections_but_not_reject
     assert _is_transient(None, None, failed(httpx.ConnectError("refused")))
     assert not _is_transient(None, None, failed(InvalidArgument("not an image")))
     assert not _is_transient(None, None, Completed(data=[]))
+
+
+def test_the_drift_flow_reports_live_accuracy_on_reviewed_cells_and_alerts_below_the_setting(
+    champion, settings_env, fresh_cells, tmp_path, monkeypatch
+):
+    from flows.drift import drift_flow
+    from malaria.serving.reviews import ReviewStore
+
+    url = f"sqlite:///{tmp_path / 'reviews.db'}"
+    monkeypatch.setenv("MALARIA_REVIEW_DB_URL", url)
+    monkeypatch.setenv("MALARIA_LIVE_MIN_REVIEWS", "10")
+    settings = settings_env(champion[0])
+    store = ReviewStore(url, keep_days=30)
+    for i in range(12):  # 8 of 12 audit cells right: 0.667, below the default 0.9
+        said = "Uninfected" if i < 8 else "Parasitized"
+        answer = {"model_label": said, "probability_parasitized": 0.1, "model_version": champion[1].version}
+        store.add(f"cell-{i}".encode(), label="Uninfected", reviewer="ana", reason="audit", source="field",
+                  request_id=None, **answer)  # fmt: skip
+    _write_prediction_log(tmp_path / "log", fresh_cells, champion)
+    result = drift_flow(hours=None, log_dir=tmp_path / "log", out_dir=tmp_path / "reports")
+    assert not result.drift_detected and result.live_reviews == 12
+    assert result.live_accuracy == pytest.approx(8 / 12)
+    assert result.alerts == [f"live accuracy 0.667 on 12 reviewed audit cells is below {settings.live_min_accuracy}"]
+    assert "live accuracy 0.667 on 12 reviewed audit cells" in result.summary()
+    quality = pd.read_csv(tmp_path / "reports" / "live_quality.csv")
+    assert quality["audit_reviews"].sum() == 12

@@ -56,3 +56,31 @@ def test_prediction_window_reads_the_days_and_versions_asked_for(tmp_path):
     assert len(load_prediction_window(tmp_path, since=now - timedelta(hours=1))) == 2
     recent_v2 = load_prediction_window(tmp_path, since=now - timedelta(hours=1), model_version="2")
     assert list(recent_v2["model_version"]) == ["2"]
+
+
+def test_live_quality_is_accuracy_on_audit_reviews_per_day_and_version_beside_referred_agreement():
+    import pandas as pd
+
+    from malaria.monitoring import live_quality, window_accuracy
+
+    def rows(day, version, reason, pairs):
+        return [
+            {"created_at": f"{day} 10:00", "model_version": version, "reason": reason, "label": t, "model_label": m}
+            for t, m in pairs
+        ]
+
+    right, wrong = ("Uninfected", "Uninfected"), ("Parasitized", "Uninfected")
+    reviews = pd.DataFrame(
+        rows("2026-11-29", "3", "audit", [right] * 9 + [wrong])
+        + rows("2026-11-30", "3", "audit", [right] * 3 + [wrong])
+        + rows("2026-11-30", "3", "refer", [right, wrong])
+        + rows("2026-11-30", "3", "audit", [("unsure", "Uninfected")] * 5)
+        + rows("2026-11-30", "2", "audit", [wrong] * 2)
+    )
+    quality = live_quality(reviews).set_index(["day", "model_version"])
+    assert quality.loc[("2026-11-29", "3"), "audit_accuracy"] == 0.9
+    assert quality.loc[("2026-11-30", "3"), "audit_reviews"] == 4  # unsure is not a label to score
+    assert quality.loc[("2026-11-30", "3"), "audit_accuracy"] == 0.75
+    assert quality.loc[("2026-11-30", "3"), "refer_agreement"] == 0.5
+    assert window_accuracy(quality.reset_index(), "3") == (12 / 14, 14)
+    assert window_accuracy(quality.reset_index(), None) == (12 / 16, 16)
