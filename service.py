@@ -110,7 +110,7 @@ batch_size_histogram = bentoml.metrics.Histogram(
     logging={"access": {"enabled": settings.access_log}},
     tracing={} if settings.tracing else {"excluded_urls": [".*"]},
 )
-@bentoml.asgi_app(page_app(), path=UI_PATH)
+@(bentoml.asgi_app(page_app(), path=UI_PATH) if settings.ui else lambda service: service)
 class MalariaClassifier:
     """Thin-smear cell crops in; Parasitized / Uninfected with a calibrated probability out."""
 

@@ -283,6 +283,15 @@ def main() -> None:
     finally:
         server.stop()
 
+    # The lab page is mounted by default: the same service without it, at the ratio's concurrency.
+    server = bento_server(3304, MALARIA_UI="false")
+    try:
+        no_page = asyncio.run(load(server.url, "predict", "image", images, 32))
+        print(f"   no page /predict  c=32  {no_page}", flush=True)
+        results["runs"].append({"service": "batching, no page", **no_page})
+    finally:
+        server.stop()
+
     uvicorn = [sys.executable, "-m", "uvicorn", "benchmarks.fastapi_baseline:app", "--port", "3303"]
     baseline = ServerProcess([*uvicorn, "--log-level", "warning"], 3303, {}, OUT / "server-3303.log")
     try:
@@ -308,6 +317,7 @@ def main() -> None:
         "batching_gain": round(batched[32]["images_per_s"] / point("no-batching", 32)["images_per_s"], 3),
         "over_fastapi_baseline": round(batched[32]["images_per_s"] / point("fastapi", 32)["images_per_s"], 3),
         "c64_over_c32": round(batched[64]["images_per_s"] / batched[32]["images_per_s"], 3),
+        "page_mounted_over_not": round(batched[32]["images_per_s"] / point("batching, no page", 32)["images_per_s"], 3),
         "p99_over_p50_at_c8": round(batched[8]["p99_ms"] / batched[8]["p50_ms"], 2),
         "model_batching_gain_per_worker": round(worker_model[str(max_batch)] / worker_model["1"], 3),
         "predict_p99_beside_fields_over_alone_c8": round(

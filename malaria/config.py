@@ -289,6 +289,7 @@ class Settings(BaseSettings):
     )
 
     # Review queue (the lab page)
+    ui: bool = Field(default=True, description="Serve the lab page at /ui (static files; off: the API only).")
     review_db_url: str | None = Field(
         default=None,
         description="Database of reviewed cells (SQLAlchemy URL); unset: SQLite in the prediction log folder, for "

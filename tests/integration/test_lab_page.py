@@ -182,10 +182,13 @@ def test_explain_refuses_what_is_not_an_image(server):
 
 
 def test_without_its_review_database_the_service_still_classifies_and_review_says_503(champion, tmp_path):
+    """(With the page turned off, too: MALARIA_UI=false serves the API only.)"""
     blocked = tmp_path / "not-a-folder"
     blocked.write_text("a file where the database folder should be")
-    server = Server({"MALARIA_REVIEW_DB_URL": f"sqlite:///{blocked}/reviews.db"}, tmp_path / "predictions")
+    env = {"MALARIA_REVIEW_DB_URL": f"sqlite:///{blocked}/reviews.db", "MALARIA_UI": "false"}
+    server = Server(env, tmp_path / "predictions")
     try:
+        assert httpx.get(f"{server.url}/ui/", timeout=10).status_code == 404
         cell = next((champion[0].data_dir / "Uninfected").glob("*.png")).read_bytes()
         files = {"image": ("cell.png", cell, "image/png")}
         assert httpx.post(f"{server.url}/predict", files=files, timeout=60).status_code == 200
