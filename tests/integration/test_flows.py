@@ -242,3 +242,31 @@ def test_the_drift_flow_reports_live_accuracy_on_reviewed_cells_and_alerts_below
     assert "live accuracy 0.667 on 12 reviewed audit cells" in result.summary()
     quality = pd.read_csv(tmp_path / "reports" / "live_quality.csv")
     assert quality["audit_reviews"].sum() == 12
+
+
+def test_malaria_drift_exit_codes_say_fine_drift_or_low_live_accuracy(
+    champion, settings_env, fresh_cells, tmp_path, monkeypatch
+):
+    """Exit 0: fine; 3: drift; 4: no drift but reviewed audit cells below the live accuracy setting."""
+    import subprocess
+    import sys
+
+    from malaria.serving.reviews import ReviewStore
+
+    url = f"sqlite:///{tmp_path / 'reviews.db'}"
+    monkeypatch.setenv("MALARIA_REVIEW_DB_URL", url)
+    monkeypatch.setenv("MALARIA_LIVE_MIN_REVIEWS", "1")
+    settings_env(champion[0])
+    _write_prediction_log(tmp_path / "same", fresh_cells, champion)
+    _write_prediction_log(tmp_path / "dark", fresh_cells, champion, lambda batch: np.clip(batch * 0.5, 0, 1))
+
+    def drift(log: str) -> int:  # the command as a user runs it, in its own process
+        args = ["drift", "--hours", "0", "--log-dir", str(tmp_path / log), "--out", str(tmp_path / f"out-{log}")]
+        return subprocess.run([sys.executable, "-m", "malaria.cli", *args], capture_output=True).returncode
+
+    assert drift("same") == 0
+    assert drift("dark") == 3
+    ReviewStore(url, keep_days=30).add(b"cell", label="Parasitized", reviewer="ana", reason="audit", source="crop",
+                                       model_label="Uninfected", probability_parasitized=0.1,
+                                       model_version=champion[1].version, request_id=None)  # fmt: skip
+    assert drift("same") == 4

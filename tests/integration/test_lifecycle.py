@@ -205,3 +205,19 @@ def test_against_a_tracking_server_artifacts_go_to_the_server_store(settings_fac
         assert not settings.mlflow_artifact_root.exists()
     finally:
         server.stop()
+
+
+def test_a_version_scoring_exactly_the_champions_score_is_promoted(champion):
+    """The gate's boundary: 'at least as good' moves the alias on a tie (same validation images)."""
+    settings, record, _ = champion
+    mlflow.set_tracking_uri(settings.mlflow_tracking_uri)
+    client = mlflow.MlflowClient()
+    newer = client.create_model_version(
+        settings.registered_model_name, f"runs:/{record.run_id}/model", run_id=record.run_id
+    )
+    try:
+        tie = {settings.gate_metric: record.metrics[settings.gate_metric]}
+        assert promote_if_better(settings, newer.version, tie, False, record.tags[VALIDATION_SET_TAG])
+        assert champion_version(settings) == str(newer.version)
+    finally:
+        client.set_registered_model_alias(settings.registered_model_name, "champion", record.version)

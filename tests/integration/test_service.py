@@ -371,3 +371,18 @@ def test_bearer_token_is_required_when_configured(secured, cells):
         assert answer["request_id"] and answer["decision"] == "refer"  # MALARIA_REFER_BAND overrides the model's
         assert client.model_info()["refer_band"] == [0.0, 1.0]
     assert "path=/predict" in secured.output.read_text()  # MALARIA_ACCESS_LOG=true: one line per request
+
+
+def test_every_api_route_needs_the_token_and_only_probes_metrics_and_the_page_are_open(secured):
+    """Routes read from the service's own OpenAPI document, so a route added later is covered too."""
+    token = {"Authorization": "Bearer s3cret"}
+    assert httpx.get(f"{secured.url}/docs.json", timeout=10).status_code == 401
+    spec = httpx.get(f"{secured.url}/docs.json", headers=token, timeout=10).json()
+    posted = sorted(path for path, methods in spec["paths"].items() if "post" in methods)
+    assert {"/predict", "/classify", "/analyze_smear", "/explain", "/review", "/model_info"} <= set(posted)
+    for path in posted:
+        response = httpx.post(f"{secured.url}{path}", files={"image": ("x.png", b"x", "image/png")}, timeout=10)
+        assert response.status_code == 401, path
+    for path in ("/healthz", "/livez", "/readyz", "/metrics", "/ui/", "/ui/app.js"):
+        assert httpx.get(f"{secured.url}{path}", timeout=10).status_code == 200, path
+    assert httpx.post(f"{secured.url}/ui/", timeout=10).status_code == 401  # open to GET and HEAD only

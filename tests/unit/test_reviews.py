@@ -52,11 +52,10 @@ def test_retention_deletes_old_reviews_and_the_crops_no_review_uses(tmp_path):
 def test_export_writes_the_nih_layout_without_unsure_or_disputed_cells(tmp_path):
     import csv
     import io
+    import subprocess
+    import sys
 
     from PIL import Image
-    from typer.testing import CliRunner
-
-    from malaria.cli import app
 
     url = f"sqlite:///{tmp_path / 'reviews.db'}"
     store = ReviewStore(url, keep_days=30)
@@ -75,9 +74,10 @@ def test_export_writes_the_nih_layout_without_unsure_or_disputed_cells(tmp_path)
         store.add(png(4), label=label, reviewer=label, reason="refer", source="field", model_label=None,
                   probability_parasitized=None, model_version="2", request_id=None)  # fmt: skip
 
-    result = CliRunner().invoke(app, ["feedback", "export", str(tmp_path / "out"), "--db", url])
-    assert result.exit_code == 0, result.output
-    assert '"crops": 2, "conflicting": 1, "unsure": 1' in result.output
+    command = [sys.executable, "-m", "malaria.cli", "feedback", "export", str(tmp_path / "out"), "--db", url]
+    result = subprocess.run(command, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    assert '"crops": 2, "conflicting": 1, "unsure": 1' in result.stdout
     rows = list(csv.DictReader((tmp_path / "out" / "manifest.csv").open()))
     assert sorted(r["label"] for r in rows) == ["Parasitized", "Uninfected"]
     parasitized = next(r for r in rows if r["label"] == "Parasitized")
