@@ -99,6 +99,19 @@ def _row_path(spark_path: str, source: str | Path) -> str:
         return str(absolute)
 
 
+def image_files(spark, source: str | Path):
+    """Spark's binaryFile rows (``path``, ``content``, ...) of the images under ``source``, recursively."""
+    from pyspark.sql import functions as F
+
+    suffixes = "|".join(s.lstrip(".") for s in sorted(IMAGE_SUFFIXES))
+    return (
+        spark.read.format("binaryFile")
+        .option("recursiveFileLookup", "true")
+        .load(str(source) if is_uri(source) else str(Path(source).resolve()))
+        .where(F.lower(F.col("path")).rlike(rf"\.({suffixes})$"))
+    )
+
+
 def score_with_spark(
     spark,
     source: str | Path,
@@ -137,13 +150,7 @@ def score_with_spark(
         env_manager="local",
         model_config={"spec": spec_json, "model_version": model_version},
     )
-    suffixes = "|".join(s.lstrip(".") for s in sorted(IMAGE_SUFFIXES))
-    files = (
-        spark.read.format("binaryFile")
-        .option("recursiveFileLookup", "true")
-        .load(str(source) if is_uri(source) else str(Path(source).resolve()))
-        .where(F.lower(F.col("path")).rlike(rf"\.({suffixes})$"))
-    )
+    files = image_files(spark, source)
     request_id = f"spark-{uuid.uuid4().hex[:12]}"  # one id per job, where the service gives one per request
     answers = files.select("path", predict(F.struct(F.col("content").alias("image"))).alias("answer"))
     # spark_udf casts a string column that mixes values and None with numpy's str (None becomes "None",
@@ -279,17 +286,9 @@ def score_fields_with_spark(
     """Smear fields under ``source`` on Spark: ``cells.parquet`` and ``cells.csv`` (one row per red cell, as
     ``/analyze_smear`` answers), ``fields.csv`` and ``summary.json``. ``mapInPandas``: a field makes many rows.
     """
-    from pyspark.sql import functions as F
 
     started = time.perf_counter()
-    suffixes = "|".join(s.lstrip(".") for s in sorted(IMAGE_SUFFIXES))
-    files = (
-        spark.read.format("binaryFile")
-        .option("recursiveFileLookup", "true")
-        .load(str(source) if is_uri(source) else str(Path(source).resolve()))
-        .where(F.lower(F.col("path")).rlike(rf"\.({suffixes})$"))
-        .select("path", "content")
-    )
+    files = image_files(spark, source).select("path", "content")
 
     def score(batches):
         pipeline = _load_pipeline(model_uri, spec_json, model_version)

@@ -111,19 +111,25 @@ def prepare_uploads(uploads: list[ImageUpload], spec: ModelSpec, settings: Setti
     return PreparedImages(batch, sizes, [upload.filename for upload in uploads])
 
 
-def decode_cell(upload: ImageUpload, settings: Settings, label: str | None = None):
-    """One cell-crop upload -> an upright RGB image, under the cell routes' byte and pixel limits."""
+def decode_upload(upload: ImageUpload, max_bytes: int, max_pixels: int, label: str | None = None):
+    """One upload -> an upright RGB image, under a route's byte and pixel limits (413 over them, 400 if not an
+    image)."""
     label = label or f"image {upload.filename or ''}".strip()
     if upload.size == 0:
         raise InvalidArgument(f"{label}: empty file")
-    if upload.size > settings.max_image_bytes:
-        raise PayloadTooLarge(f"{label}: {upload.size} bytes; the limit is {settings.max_image_bytes} bytes")
+    if upload.size > max_bytes:
+        raise PayloadTooLarge(f"{label}: {upload.size} bytes; the limit is {max_bytes} bytes")
     try:
-        return decode_image(upload.read(), max_pixels=settings.max_image_pixels)
+        return decode_image(upload.read(), max_pixels=max_pixels)
     except ImageTooLargeError as exc:
         raise PayloadTooLarge(f"{label}: {exc}") from exc
     except InvalidImageError as exc:
         raise InvalidArgument(f"{label}: {exc}") from exc
+
+
+def decode_cell(upload: ImageUpload, settings: Settings, label: str | None = None):
+    """One cell-crop upload, under the cell routes' limits."""
+    return decode_upload(upload, settings.max_image_bytes, settings.max_image_pixels, label)
 
 
 def make_predictions(
@@ -189,15 +195,5 @@ def harden_multipart_parsing() -> None:
 
 
 def decode_field(upload: ImageUpload, settings: Settings):
-    """One smear field upload -> an upright RGB image, under the smear routes' byte and pixel limits."""
-    label = f"image {upload.filename or ''}".strip()
-    if upload.size == 0:
-        raise InvalidArgument(f"{label}: empty file")
-    if upload.size > settings.max_smear_bytes:
-        raise PayloadTooLarge(f"{label}: {upload.size} bytes; the limit is {settings.max_smear_bytes} bytes")
-    try:
-        return decode_image(upload.read(), max_pixels=settings.max_smear_pixels)
-    except ImageTooLargeError as exc:
-        raise PayloadTooLarge(f"{label}: {exc}") from exc
-    except InvalidImageError as exc:
-        raise InvalidArgument(f"{label}: {exc}") from exc
+    """One smear field upload, under the smear routes' limits."""
+    return decode_upload(upload, settings.max_smear_bytes, settings.max_smear_pixels)
