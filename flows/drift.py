@@ -34,10 +34,10 @@ def report_task(reference: pd.DataFrame, current: pd.DataFrame, out_dir: Path, m
 @task
 def live_quality_task(settings: Settings, hours: float | None, out_dir: Path) -> pd.DataFrame | None:
     """Reviewed cells per day and model version (``live_quality.csv``); None if the review database is out of reach."""
-    from malaria.serving.reviews import ReviewStore
+    from malaria.serving.reviews import read_reviews
 
     try:
-        rows = pd.DataFrame(ReviewStore(settings.review_database_url(), settings.review_keep_days).rows())
+        rows = pd.DataFrame(read_reviews(settings.review_database_url()))  # read only: the service migrates
     except Exception as exc:  # noqa: BLE001 - any driver's error: report drift without the live figure
         get_run_logger().warning("review database not readable (%s): no live quality figure", exc)
         return None

@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import sys
 import time
 import uuid
 from pathlib import Path
@@ -59,7 +60,7 @@ def spark_session(master: str | None = "local[*]", app_name: str = "malaria-batc
 
     ``master=None`` keeps the one ``spark-submit --master`` (or ``spark-defaults.conf``) gives.
     """
-    os.environ.setdefault("PYSPARK_PYTHON", _python())
+    os.environ.setdefault("PYSPARK_PYTHON", sys.executable)  # workers run this environment's Python
     from pyspark.sql import SparkSession
 
     builder = SparkSession.builder if master is None else SparkSession.builder.master(master)
@@ -74,12 +75,6 @@ def spark_session(master: str | None = "local[*]", app_name: str = "malaria-batc
         .config("spark.ui.showConsoleProgress", "false")
         .getOrCreate()
     )
-
-
-def _python() -> str:
-    import sys
-
-    return sys.executable
 
 
 def is_uri(location: str | Path) -> bool:
@@ -180,7 +175,6 @@ def score_with_spark(
 
 # --- smear fields on Spark: one row per detected red cell ----------------------------------------
 
-MAX_FIELD_PIXELS = 50_000_000  # the service's default field limit (MALARIA_MAX_SMEAR_PIXELS)
 CELL_COLUMNS = [
     ("path", "string"),
     ("cell", "int"),
@@ -195,7 +189,23 @@ CELL_COLUMNS = [
     ("usable", "boolean"),
     ("reason", "string"),
     ("model_version", "string"),
+    # the field's own figures, as /analyze_smear counts them (repeated on each of its cells)
+    ("field_cells", "int"),
+    ("field_parasitized", "int"),
+    ("parasitemia_percent", "double"),
+    ("parasitemia_ci95_low", "double"),
+    ("parasitemia_ci95_high", "double"),
 ]
+FIELD_COLUMNS = {  # fields.csv: one row per field, from its cells' rows
+    "path": "path",
+    "usable": "usable",
+    "reason": "reason",
+    "field_cells": "cells",
+    "field_parasitized": "parasitized",
+    "parasitemia_percent": "parasitemia_percent",
+    "parasitemia_ci95_low": "parasitemia_ci95_low",
+    "parasitemia_ci95_high": "parasitemia_ci95_high",
+}
 PANDAS_TYPES = {name: {"int": "Int32", "boolean": "boolean", "double": "float64"}.get(kind, "object")
                 for name, kind in CELL_COLUMNS}  # fmt: skip
 _PIPELINES: dict = {}  # per Python worker: the loaded pipeline, reused by every task the worker runs
@@ -214,26 +224,35 @@ def _load_pipeline(model_uri: str, spec_json: str, model_version: str):
 def field_cell_rows(path: str, content: bytes, pipeline, cell_diameter_px: float) -> list[dict]:
     """One field image -> one row per red cell, as ``/analyze_smear`` finds and judges them (or one row saying
     why the field cannot be counted)."""
-    import numpy as np
-
+    from malaria.model import batched_probability
     from malaria.preprocess import InvalidImageError, decode_image
     from malaria.smear.analysis import SmearTiming, prepare_field, summarise_field
     from malaria.smear.detect import FieldTooLargeError
 
     spec, version = pipeline.spec.for_fields(), pipeline.model_version
     try:
-        image = decode_image(content, max_pixels=MAX_FIELD_PIXELS)
+        image = decode_image(content, max_pixels=pipeline.max_field_pixels)
         field = prepare_field(image, spec, cell_diameter_px, time.perf_counter)
     except (InvalidImageError, FieldTooLargeError) as exc:
-        return [{"path": path, "usable": False, "reason": str(exc), "model_version": version}]
-    step = 64
-    outputs = [pipeline.predict_fn(field.batch[i : i + step]) for i in range(0, len(field.batch), step)]
-    probability = spec.probability_positive(np.concatenate(outputs)) if outputs else np.empty(0)
+        reason = str(exc)
+        return [{"path": path, "usable": False, "reason": reason, "model_version": version, "field_cells": 0}]
+    probability = batched_probability(pipeline.predict_fn, field.batch, spec, 64)
     timing = SmearTiming(detect_ms=field.detect_ms, crop_ms=field.crop_ms, model_ms=0.0, total_ms=0.0)
     analysis = summarise_field(
         field, probability, spec, cell_diameter_px=cell_diameter_px, model_version=version, request_id="", timing=timing
     )
-    common = {"path": path, "usable": analysis.usable, "reason": analysis.reason, "model_version": version}
+    low, high = analysis.parasitemia_ci95 or (None, None)
+    common = {
+        "path": path,
+        "usable": analysis.usable,
+        "reason": analysis.reason,
+        "model_version": version,
+        "field_cells": analysis.counts.cells,
+        "field_parasitized": analysis.counts.parasitized,
+        "parasitemia_percent": analysis.parasitemia_percent,
+        "parasitemia_ci95_low": low,
+        "parasitemia_ci95_high": high,
+    }
     if not analysis.cells:
         return [common]
     return [
@@ -248,29 +267,6 @@ def field_cell_rows(path: str, content: bytes, pipeline, cell_diameter_px: float
         }
         for i, cell in enumerate(analysis.cells)
     ]
-
-
-def summarise_fields(cells: pd.DataFrame) -> pd.DataFrame:
-    """Per field: counted cells (edge cells excluded), parasitized, parasitemia and its Wilson interval."""
-    from malaria.smear.analysis import wilson_percent
-
-    rows = []
-    for path, group in cells.groupby("path", sort=True):
-        counted = group[(group["edge"] == False) & group["cell"].notna()]  # noqa: E712 - a nullable column
-        usable = bool(group["usable"].iloc[0]) and len(counted) > 0
-        parasitized = int((counted["label"] == "Parasitized").sum())
-        rows.append(
-            {
-                "path": path,
-                "usable": usable,
-                "reason": group["reason"].iloc[0],
-                "cells": len(counted),
-                "parasitized": parasitized,
-                "parasitemia_percent": round(100 * parasitized / len(counted), 3) if usable else None,
-                "parasitemia_ci95": list(wilson_percent(parasitized, len(counted))) if usable else None,
-            }
-        )
-    return pd.DataFrame(rows)
 
 
 def score_fields_with_spark(
@@ -306,7 +302,7 @@ def score_fields_with_spark(
     cells["path"] = [_row_path(p, source) for p in cells["path"]]
     cells = cells.sort_values(["path", "cell"], kind="stable").reset_index(drop=True)
     cells.to_csv(out_dir / "cells.csv", index=False)
-    fields = summarise_fields(cells)
+    fields = cells.drop_duplicates("path")[list(FIELD_COLUMNS)].rename(columns=FIELD_COLUMNS)
     fields.to_csv(out_dir / "fields.csv", index=False)
     usable = fields[fields["usable"]]
     summary = {

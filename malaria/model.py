@@ -158,3 +158,9 @@ def compiled_predict(model):
         return model(batch, training=False)
 
     return lambda batch: predict(tf.convert_to_tensor(batch, dtype=tf.float32)).numpy()
+
+
+def batched_probability(predict_fn, images: np.ndarray, spec, batch_size: int = 256) -> np.ndarray:
+    """Calibrated P(positive) of preprocessed images, ``predict_fn`` called on chunks of ``batch_size``."""
+    outputs = [predict_fn(images[i : i + batch_size]) for i in range(0, len(images), batch_size)]
+    return spec.probability_positive(np.concatenate(outputs) if outputs else np.empty((0, 1)))

@@ -17,8 +17,10 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+from mlflow.pyfunc import PythonModel
 
-from malaria.preprocess import InvalidImageError, decode_image, to_model_input
+from malaria.model import batched_probability, compiled_predict
+from malaria.preprocess import InvalidImageError, preprocess
 from malaria.spec import ModelSpec
 
 logger = logging.getLogger(__name__)
@@ -27,7 +29,6 @@ KERAS_ARTIFACT = "keras_model"
 SPEC_ARTIFACT = "spec"
 INPUT_COLUMNS = ("image", "path")  # image bytes, or a path the scoring process can read
 OUTPUT_COLUMNS = ["label", "probability_parasitized", "confidence", "decision", "model_version", "error"]
-MAX_IMAGE_PIXELS = 25_000_000  # the service's default per-image limit (MALARIA_MAX_IMAGE_PIXELS)
 BATCH_SIZE = 64
 
 
@@ -43,22 +44,18 @@ def _read(source) -> bytes:
     raise InvalidImageError(f"expected image bytes or a path, got {type(source).__name__}")
 
 
-def score_images(
-    sources: list, predict_fn, spec: ModelSpec, model_version: str, batch_size: int = BATCH_SIZE
-) -> pd.DataFrame:
+def score_images(sources: list, predict_fn, spec: ModelSpec, model_version: str, max_pixels: int) -> pd.DataFrame:
     """One row per source, in order: the answer of ``/predict``, or ``error`` for an unreadable image."""
     rows: list[dict] = [{} for _ in sources]
     good: list[int] = []
     batch = np.empty((len(sources), spec.image_size, spec.image_size, 3), dtype=np.float32)
     for i, source in enumerate(sources):
         try:
-            batch[len(good)] = to_model_input(decode_image(_read(source), max_pixels=MAX_IMAGE_PIXELS), spec)
+            batch[len(good)] = preprocess(_read(source), spec, max_pixels=max_pixels)
             good.append(i)
         except InvalidImageError as exc:
             rows[i] = {"error": str(exc)}
-    batch = batch[: len(good)]
-    outputs = [predict_fn(batch[start : start + batch_size]) for start in range(0, len(good), batch_size)]
-    probability = spec.probability_positive(np.concatenate(outputs)) if outputs else np.empty(0)
+    probability = batched_probability(predict_fn, batch[: len(good)], spec, BATCH_SIZE)
     for i, p in zip(good, probability, strict=True):
         rows[i] = {**spec.answer(p), "model_version": model_version, "error": None}
     return pd.DataFrame(rows, columns=OUTPUT_COLUMNS)
@@ -78,12 +75,6 @@ def registry_spec(tracking_uri: str, run_id: str) -> tuple[ModelSpec, str] | Non
     return ModelSpec.model_validate_json(newest.tags[SPEC_TAG]), str(newest.version)
 
 
-try:
-    from mlflow.pyfunc import PythonModel
-except ImportError:  # the serving image has no MLflow: only ``score_images`` is used there
-    PythonModel = object  # type: ignore[assignment,misc]
-
-
 class MalariaPipeline(PythonModel):
     """``predict(DataFrame[image: bytes | path: str]) -> DataFrame[label, probability_parasitized, ...]``."""
 
@@ -94,9 +85,10 @@ class MalariaPipeline(PythonModel):
         from mlflow.models import Model
 
         from malaria.config import Settings
-        from malaria.model import compiled_predict
 
-        threads = Settings().tf_intra_op_threads  # the service's setting: one thread per Spark task by default
+        settings = Settings()  # the service's limits and threads (one TensorFlow thread per Spark task by default)
+        self.max_pixels, self.max_field_pixels = settings.max_image_pixels, settings.max_smear_pixels
+        threads = settings.tf_intra_op_threads
         try:
             tf.config.threading.set_intra_op_parallelism_threads(threads)
             tf.config.threading.set_inter_op_parallelism_threads(1)
@@ -127,7 +119,7 @@ class MalariaPipeline(PythonModel):
         column = next((c for c in INPUT_COLUMNS if c in frame and frame[c].notna().any()), None)
         if column is None:
             raise ValueError(f"expected a column named one of {INPUT_COLUMNS}, got {list(frame.columns)}")
-        return score_images(list(frame[column]), self.predict_fn, self.spec, self.model_version)
+        return score_images(list(frame[column]), self.predict_fn, self.spec, self.model_version, self.max_pixels)
 
 
 def signature():

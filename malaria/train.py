@@ -30,6 +30,7 @@ from malaria.model import (
     PROFILES,
     TrainingProfile,
     augmentation_pipeline,
+    batched_probability,
     build_model,
     compiled_predict,
     recompute_batch_norm_statistics,
@@ -97,9 +98,7 @@ def metrics_by_source(prefix: str, data: SplitData, probability: np.ndarray, thr
 
 def predict_probability(model, images: np.ndarray, spec: ModelSpec, batch_size: int = 256) -> np.ndarray:
     """Calibrated P(positive) for preprocessed images, with the serving inference call."""
-    predict = compiled_predict(model)
-    outputs = [predict(images[i : i + batch_size]) for i in range(0, len(images), batch_size)]
-    return spec.probability_positive(np.concatenate(outputs) if outputs else np.empty((0, 1)))
+    return batched_probability(compiled_predict(model), images, spec, batch_size)
 
 
 def validation_scorer(

@@ -68,6 +68,22 @@ def upgrade(url: str) -> None:
         command.upgrade(config, "head")
 
 
+def _all_reviews(connection) -> list[dict]:
+    return [dict(row._mapping) for row in connection.execute(sa.select(reviews).order_by(reviews.c.id))]
+
+
+def read_reviews(url: str) -> list[dict]:
+    """Every review (without crops), read only: no migration, no retention; none if the table is not there yet."""
+    engine = sa.create_engine(url)
+    try:
+        if not sa.inspect(engine).has_table("reviews"):
+            return []
+        with engine.connect() as connection:
+            return _all_reviews(connection)
+    finally:
+        engine.dispose()
+
+
 class ReviewStore:
     """Reviewed cells in the database at ``url`` (migrated on open); reviews kept ``keep_days`` days."""
 
@@ -129,7 +145,7 @@ class ReviewStore:
     def rows(self) -> list[dict]:
         """Every review, oldest first (without the crop bytes)."""
         with self.engine.connect() as connection:
-            return [dict(row._mapping) for row in connection.execute(sa.select(reviews).order_by(reviews.c.id))]
+            return _all_reviews(connection)
 
     def export(self, out_dir: Path) -> dict:
         """Reviewed crops in the NIH folder layout (``Parasitized/``, ``Uninfected/``) with ``manifest.csv``.

@@ -84,3 +84,15 @@ def test_export_writes_the_nih_layout_without_unsure_or_disputed_cells(tmp_path)
     assert parasitized["reviewers"] == "r0;r1"
     assert (tmp_path / "out" / parasitized["path"]).read_bytes() == agreed["png"]
     assert sorted(p.parent.name for p in (tmp_path / "out").rglob("*.png")) == ["Parasitized", "Uninfected"]
+
+
+def test_reading_reviews_migrates_nothing_and_deletes_nothing(tmp_path):
+    from malaria.serving.reviews import read_reviews
+
+    empty = f"sqlite:///{tmp_path / 'empty.db'}"
+    assert read_reviews(empty) == [] and not sa.inspect(sa.create_engine(empty)).has_table("alembic_version")
+    url = f"sqlite:///{tmp_path / 'reviews.db'}"
+    review(ReviewStore(url, keep_days=30), b"crop")
+    with sa.create_engine(url).begin() as connection:  # a review from a year ago: past any retention
+        connection.execute(sa.text("update reviews set created_at = '2025-01-01 00:00:00'"))
+    assert len(read_reviews(url)) == 1 and len(read_reviews(url)) == 1
