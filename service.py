@@ -117,25 +117,17 @@ class MalariaClassifier:
     bento_model = MODEL
 
     def __init__(self) -> None:
-        import tensorflow as tf
+        from malaria.bento import load_runtime
 
-        from malaria.bento import load_stored_keras
-        from malaria.model import compiled_predict
-
-        tf.config.threading.set_intra_op_parallelism_threads(settings.tf_intra_op_threads)
-        tf.config.threading.set_inter_op_parallelism_threads(settings.tf_inter_op_threads)
-        gpus = tf.config.list_physical_devices("GPU")
-        for gpu in gpus:
-            tf.config.experimental.set_memory_growth(gpu, True)
-        if settings.gpu and not gpus:
-            logger.warning("MALARIA_GPU=true but TensorFlow sees no GPU: running on the CPU (see `make bento-gpu`)")
         self.metadata = self.bento_model.info.metadata
         self.spec = ModelSpec.from_metadata(self.metadata).with_refer_band(settings.refer_band)
         self.field_spec = self.spec.for_fields()  # cells of smear fields: the field threshold and band
         self.version = str(self.metadata.get("mlflow_version") or self.bento_model.tag.version)
         if self.spec.synthetic:
             logger.warning("%s was trained on SYNTHETIC data: a demo, not for real samples", self.bento_model.tag)
-        predict_fn = compiled_predict(load_stored_keras(self.bento_model))
+        self.runtime = load_runtime(self.bento_model, settings)
+        logger.info("serving %s with %s %s", self.bento_model.tag, self.runtime.runtime, self.runtime.precision)
+        predict_fn = self.runtime.predict
         for size in (1, settings.max_batch_size):  # trace and warm up before /readyz turns green
             predict_fn(np.zeros((size, self.spec.image_size, self.spec.image_size, 3), np.float32))
         self.model = BatchedModel(
@@ -428,6 +420,8 @@ class MalariaClassifier:
             training_sources=self.spec.training_sources,
             field_threshold=self.field_spec.threshold,
             field_refer_band=self.field_spec.refer_band,
+            runtime=self.runtime.runtime,
+            precision=self.runtime.precision,
         )
 
 

@@ -20,6 +20,7 @@ import time
 from pathlib import Path
 
 import aiohttp
+import httpx
 import numpy as np
 
 from malaria.server_process import ServerProcess, bentoml_serve_command
@@ -90,25 +91,22 @@ async def predict_beside_fields(url: str, images: list[bytes], fields: list[byte
 
 
 def in_process_limit(images: list[bytes], batch_size: int) -> float:
-    """Images/s of decode + preprocessing + the service's compiled inference call, no HTTP.
+    """Images/s of decode + preprocessing + the service's inference call (its default runtime), no HTTP.
 
-    TensorFlow gets every core here: the limit is what the model can do on this machine, whatever
+    The runtime gets every core here: the limit is what the model can do on this machine, whatever
     the service's own split of cores into workers and threads.
     """
     import bentoml
-    import tensorflow as tf
 
-    from malaria.bento import load_stored_keras, stored_spec
+    from malaria.bento import load_runtime, stored_spec
     from malaria.config import get_settings
-    from malaria.model import compiled_predict
     from malaria.preprocess import preprocess_batch
 
     settings = get_settings()
-    tf.config.threading.set_intra_op_parallelism_threads(os.cpu_count() or 1)
-    tf.config.threading.set_inter_op_parallelism_threads(1)
+    all_cores = settings.model_copy(update={"tf_intra_op_threads": os.cpu_count() or 1})
     stored = bentoml.models.get(f"{settings.bento_model_name}:latest")
     spec = stored_spec(stored)
-    predict = compiled_predict(load_stored_keras(stored))
+    predict = load_runtime(stored, all_cores).predict
 
     def step(i: int) -> None:
         chosen = [images[(i + k) % len(images)] for k in range(batch_size)]
@@ -123,16 +121,26 @@ def in_process_limit(images: list[bytes], batch_size: int) -> float:
     return done / (time.perf_counter() - start)
 
 
-def model_only(threads: int, batch_sizes: tuple[int, ...]) -> dict[str, float]:
-    """Images/s of the compiled model call alone, by batch size, with ``threads`` TensorFlow threads."""
+def model_only(
+    threads: int, batch_sizes: tuple[int, ...], runtime: str = "tensorflow", precision: str = "fp32"
+) -> dict[str, float]:
+    """Images/s of the model call alone, by batch size, with ``threads`` threads of one runtime."""
     script = Path(__file__).with_name("model_only.py")
     sizes = ",".join(str(b) for b in batch_sizes)
-    done = subprocess.run(
-        [sys.executable, str(script), "--threads", str(threads), "--batch-sizes", sizes], capture_output=True, text=True
-    )
+    command = [sys.executable, str(script), "--threads", str(threads), "--batch-sizes", sizes]
+    done = subprocess.run([*command, "--runtime", runtime, "--precision", precision], capture_output=True, text=True)
     if done.returncode != 0:
         raise RuntimeError(f"model_only.py failed:\n{done.stderr[-3000:]}")
     return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def runtimes_to_compare(metadata: dict) -> dict[str, tuple[str, str]]:
+    """Every runtime and gated precision the stored model can be served with: name -> (runtime, precision)."""
+    chosen = {"tensorflow": ("tensorflow", "fp32")}
+    for precision, entry in metadata.get("runtime", {}).get("precisions", {}).items():
+        if entry["passed"]:
+            chosen[f"openvino-{precision}"] = ("openvino", precision)
+    return chosen
 
 
 def bento_server(port: int, **env: str) -> ServerProcess:
@@ -249,15 +257,31 @@ def main() -> None:
         results["limit"][f"batch_{batch_size}"] = round(in_process_limit(images, batch_size), 1)
         print(f"limit batch {batch_size}: {results['limit'][f'batch_{batch_size}']} img/s", flush=True)
 
-    # What batching can gain per TF thread: a worker's model call at batch 1 vs larger batches.
-    results["model_only"] = {
-        f"threads_{threads}": model_only(threads, tuple(sorted({1, 8, max_batch})))
-        for threads in sorted({1, settings.tf_intra_op_threads, os.cpu_count() or 1})
-    }
-    print(f"model only: {results['model_only']}", flush=True)
+    import bentoml
+
+    stored = bentoml.models.get(f"{settings.bento_model_name}:latest")
+    compared = runtimes_to_compare(stored.info.metadata)
+    results["runtimes"] = {}
+    for name, (runtime, precision) in compared.items():  # the model call alone, a worker's threads
+        rates = model_only(settings.tf_intra_op_threads, (1, max_batch), runtime, precision)
+        results["runtimes"][name] = {
+            "model_batch_1": rates["1"],
+            f"model_batch_{max_batch}": rates[str(max_batch)],
+            f"gflop_per_s_batch_{max_batch}": round(rates[str(max_batch)] * rates["gflop_per_image"], 1),
+        }
+        print(f"model only {name}: {results['runtimes'][name]}", flush=True)
 
     server = bento_server(3301)
     try:
+        served = httpx.post(f"{server.url}/model_info", timeout=30).json()
+        default = f"openvino-{served['precision']}" if served["runtime"] == "openvino" else "tensorflow"
+        results["default_runtime"] = default
+        # What batching can gain per thread: the served runtime's model call at batch 1 vs larger batches.
+        results["model_only"] = {
+            f"threads_{threads}": model_only(threads, tuple(sorted({1, 8, max_batch})), *compared[default])
+            for threads in sorted({1, settings.tf_intra_op_threads, os.cpu_count() or 1})
+        }
+        print(f"model only ({default}): {results['model_only']}", flush=True)
         results["runs"] += sweep(server, images, "batching")
         multi = asyncio.run(load(server.url, "classify", "images", images, MULTI_CONCURRENCY, MULTI_PER_REQUEST))
         print(f"  batching /classify {multi}", flush=True)
@@ -276,6 +300,25 @@ def main() -> None:
         print(f"  smear {results['smear']}", flush=True)
     finally:
         server.stop()
+
+    for name, (runtime, precision) in compared.items():  # the other runtimes, served the same way
+        if name == default:
+            continue
+        server = bento_server(3305, MALARIA_RUNTIME=runtime, MALARIA_PRECISION=precision)
+        try:
+            service = f"batching, {name}"
+            concurrencies = CONCURRENCY if runtime == "tensorflow" else (32,)
+            for concurrency in concurrencies:
+                run = asyncio.run(load(server.url, "predict", "image", images, concurrency))
+                print(f"{service} /predict c={concurrency} {run}", flush=True)
+                results["runs"].append({"service": service, **run})
+            multi = asyncio.run(load(server.url, "classify", "images", images, MULTI_CONCURRENCY, MULTI_PER_REQUEST))
+            results["runs"].append({"service": service, **multi})
+            if runtime == "tensorflow":
+                alone = asyncio.run(load(server.url, "analyze_smear", "image", fields, 1))
+                results["runtimes"][name]["smear_fields_per_s"] = alone["images_per_s"]
+        finally:
+            server.stop()
 
     server = bento_server(3302, MALARIA_BATCHING="false")
     try:
@@ -306,6 +349,11 @@ def main() -> None:
             if r["service"] == service and r["concurrency"] == concurrency and r["route"] == route
         )
 
+    results["runtimes"][default]["smear_fields_per_s"] = results["smear"]["fields_per_s"]
+    for name in compared:
+        service = "batching" if name == default else f"batching, {name}"
+        results["runtimes"][name]["served_predict_c32"] = point(service, 32)["images_per_s"]
+        results["runtimes"][name]["served_classify"] = point(service, MULTI_CONCURRENCY, "classify")["images_per_s"]
     limit = results["limit"][f"batch_{max_batch}"]
     # The model call alone with a worker's TF threads, batch max over batch 1: what batching can add
     # when every worker is busy either way.
@@ -322,6 +370,14 @@ def main() -> None:
         "model_batching_gain_per_worker": round(worker_model[str(max_batch)] / worker_model["1"], 3),
         "predict_p99_beside_fields_over_alone_c8": round(
             results["smear"]["predict_c8_p99_ms_beside_fields"] / batched[8]["p99_ms"], 2
+        ),
+        "runtime_speedup": round(
+            batched[32]["images_per_s"] / results["runtimes"]["tensorflow"]["served_predict_c32"], 3
+        ),
+        "runtime_speedup_classify": round(
+            point("batching", MULTI_CONCURRENCY, "classify")["images_per_s"]
+            / results["runtimes"]["tensorflow"]["served_classify"],
+            3,
         ),
         "errors": {f"{r['service']} {r['route']} c={r['concurrency']}": r["errors"] for r in results["runs"]},
     }
@@ -347,6 +403,13 @@ def write_table(results: dict) -> None:
         f"{k.replace('_', ' ')}: " + ", ".join(f"batch {b} {v}" for b, v in rates.items())
         for k, rates in results.get("model_only", {}).items()
     )
+    columns = list(dict.fromkeys(key for figures in results.get("runtimes", {}).values() for key in figures))
+    runtimes = "\n".join(
+        f"| {name}{' (served by default)' if name == results.get('default_runtime') else ''} | "
+        + " | ".join(str(figures.get(key, "")) for key in columns)
+        + " |"
+        for name, figures in results.get("runtimes", {}).items()
+    )
     ratios = "\n".join(f"| {k} | {v} |" for k, v in results["ratios"].items() if k != "errors")
     smear = results.get("smear", {})
     smear_rows = "\n".join(f"| {k} | {v} |" for k, v in smear.items())
@@ -354,6 +417,12 @@ def write_table(results: dict) -> None:
     table = (
         f"<!-- results:start -->\nIn-process limit ({limit}).\n\n"
         + (f"Model call alone, images/s ({model_only}).\n\n" if model_only else "")
+        + (
+            "Runtimes (model call alone with a worker's threads; served: images/s through the service):\n\n"
+            f"| runtime | {' | '.join(columns)} |\n|---|{'---|' * len(columns)}\n{runtimes}\n\n"
+            if runtimes
+            else ""
+        )
         + "\n".join(lines)
         + f"\n\n| ratio | value |\n|---|---|\n{ratios}\n"
         + (f"\nSmear fields (`/analyze_smear`):\n\n| smear | value |\n|---|---|\n{smear_rows}\n" if smear else "")

@@ -144,6 +144,16 @@ class Settings(BaseSettings):
         description="Serve on a GPU: resources={'gpu': 1} and TensorFlow memory growth; the service warns when "
         "TensorFlow sees none (build with `make bento-gpu`).",
     )
+    runtime: Literal["auto", "openvino", "tensorflow"] = Field(
+        default="auto",
+        description="Inference runtime of the service; auto: OpenVINO when the stored model carries its gated "
+        "conversion (`malaria import-model`), TensorFlow on a GPU or for a model imported without one.",
+    )
+    precision: Literal["auto", "fp32", "bf16", "int8"] = Field(
+        default="auto",
+        description="OpenVINO precision; auto: the fastest that passed the import's precision gate (fp32 on a "
+        "CPU without the instructions it needs). Another value must have passed the gate.",
+    )
     # Tuned for 2 CPUs (`make bench`): one worker per core, each with its own model and batcher,
     # beat one worker with two TensorFlow threads (HTTP handling is per-process Python work).
     workers: int = Field(
@@ -151,7 +161,7 @@ class Settings(BaseSettings):
         description="Service worker processes, each with its own model and batcher (1 with a GPU).",
     )
     tf_intra_op_threads: int = Field(
-        default=1, description="TensorFlow intra-op threads per worker (workers x threads = cores)."
+        default=1, description="Inference threads per worker, TensorFlow's or OpenVINO's (workers x threads = cores)."
     )
     tf_inter_op_threads: int = Field(default=1, description="TensorFlow inter-op threads per worker.")
     batching: bool = Field(default=True, description="Adaptive batching of model calls (off: one call per request).")

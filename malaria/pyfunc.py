@@ -27,6 +27,7 @@ logger = logging.getLogger(__name__)
 
 KERAS_ARTIFACT = "keras_model"
 SPEC_ARTIFACT = "spec"
+REFERENCE_ARTIFACT = "reference_batch"  # the conversion gate's fallback (malaria/runtime.py)
 INPUT_COLUMNS = ("image", "path")  # image bytes, or a path the scoring process can read
 OUTPUT_COLUMNS = ["label", "probability_parasitized", "confidence", "decision", "model_version", "error"]
 BATCH_SIZE = 64
@@ -152,12 +153,24 @@ def serving_requirements() -> list[str]:
     return [r for r in requires("malaria-bento") or [] if "extra ==" not in r]
 
 
-def log_pipeline(keras_model, spec: ModelSpec, registered_model_name: str | None, input_example: bytes | None = None):
-    """Log the pipeline model (Keras file and spec inside) in the active run; returns MLflow's ModelInfo."""
+def log_pipeline(
+    keras_model,
+    spec: ModelSpec,
+    registered_model_name: str | None,
+    input_example: bytes | None = None,
+    reference_images: np.ndarray | None = None,
+):
+    """Log the pipeline model (Keras file and spec inside) in the active run; returns MLflow's ModelInfo.
+
+    ``reference_images`` (preprocessed) are saved with the outputs Keras gives them now: where no
+    evaluation images exist, the import's conversion gate checks the converted model against them.
+    """
     import tempfile
 
     import keras
     import mlflow
+
+    from malaria.runtime import REFERENCE_FILE, reference_batch
 
     pip = serving_requirements() + [f"mlflow=={mlflow.__version__}", "pandas"]
     with tempfile.TemporaryDirectory() as tmp:
@@ -165,10 +178,14 @@ def log_pipeline(keras_model, spec: ModelSpec, registered_model_name: str | None
         keras.saving.save_model(keras_model, keras_path)
         spec_path = Path(tmp) / "model_spec.json"
         spec_path.write_text(spec.to_json())
+        artifacts = {KERAS_ARTIFACT: str(keras_path), SPEC_ARTIFACT: str(spec_path)}
+        if reference_images is not None and len(reference_images):
+            expected = compiled_predict(keras_model)(reference_images)
+            artifacts[REFERENCE_ARTIFACT] = str(reference_batch(reference_images, expected, Path(tmp) / REFERENCE_FILE))
         return mlflow.pyfunc.log_model(
             name="model",
             python_model=MalariaPipeline(),
-            artifacts={KERAS_ARTIFACT: str(keras_path), SPEC_ARTIFACT: str(spec_path)},
+            artifacts=artifacts,
             signature=signature(),
             input_example=pd.DataFrame({"image": [input_example]}) if input_example else None,
             pip_requirements=pip,

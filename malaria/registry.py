@@ -97,12 +97,14 @@ def log_model_version(
     force: bool = False,
     version_tags: dict[str, str] | None = None,
     rescore_champion: Callable[[RegisteredVersion], float] | None = None,
+    reference_images: np.ndarray | None = None,
 ) -> RegisteredVersion:
     """Log a Keras model with its spec, params, metrics and artifacts; register it; gate ``champion``.
 
     ``version_tags[VALIDATION_SET_TAG]`` names the images behind the ``val_`` metrics;
     ``rescore_champion`` measures the gate metric of a champion validated on other images on this
-    version's validation images.
+    version's validation images; ``reference_images`` (preprocessed) are saved with their outputs for
+    the import's conversion gate.
     """
     import mlflow
 
@@ -128,7 +130,9 @@ def log_model_version(
         # The Keras flavour for whoever wants the bare network (tensors in, raw sigmoid out); the
         # registered version is the pipeline, which answers like the service (malaria/pyfunc.py).
         mlflow.keras.log_model(model, name=KERAS_MODEL_NAME, signature=_signature(spec))
-        info = log_pipeline(model, spec, settings.registered_model_name, input_example=_example_png(spec))
+        info = log_pipeline(
+            model, spec, settings.registered_model_name, _example_png(spec), reference_images=reference_images
+        )
     version = str(info.registered_model_version)
     version_tags = {SPEC_TAG: spec.to_json(), **(version_tags or {})}
     for key, value in version_tags.items():

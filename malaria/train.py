@@ -40,6 +40,7 @@ from malaria.registry import SPLIT_TAG, VALIDATION_SET_TAG, RegisteredVersion, l
 from malaria.spec import ModelSpec
 
 logger = logging.getLogger(__name__)
+REFERENCE_IMAGES = 32  # validation images saved with their outputs: the conversion gate where no data is
 
 
 @dataclass
@@ -270,6 +271,7 @@ def train(settings: Settings, force: bool = False) -> RegisteredVersion:
         force=force,
         version_tags={VALIDATION_SET_TAG: images_fingerprint(val_data.frame), SPLIT_TAG: images_fingerprint(manifest)},
         rescore_champion=validation_scorer(settings, roots, val_data),
+        reference_images=val_data.images[:REFERENCE_IMAGES],
     )
     (settings.artifacts_dir / "registered.json").write_text(
         json.dumps(

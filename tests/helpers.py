@@ -12,6 +12,9 @@ LIMITS = {
     "MALARIA_MAX_IMAGE_PIXELS": "1000000",
     "MALARIA_MAX_REQUESTS_PER_CONNECTION": "5",
 }
+# The suite compares served answers with Keras in process (1e-4, 1e-5 for the pyfunc): OpenVINO at fp32.
+# Reduced precisions are judged by the import's gate (tests/unit/test_runtime.py) and served in their own test.
+EXACT = {"MALARIA_PRECISION": "fp32"}
 
 
 class Server(ServerProcess):
@@ -20,5 +23,5 @@ class Server(ServerProcess):
     def __init__(self, env: dict[str, str], log_dir: Path):
         port = free_port()
         self.log_dir = log_dir
-        full_env = {**LIMITS, "MALARIA_PREDICTION_LOG_DIR": str(log_dir), **env}
+        full_env = {**LIMITS, **EXACT, "MALARIA_PREDICTION_LOG_DIR": str(log_dir), **env}
         super().__init__(bentoml_serve_command(port), port, full_env, log_dir.parent / f"server-{port}.log", 120)

@@ -74,3 +74,5 @@ class ModelInfo(BaseModel):
     field_threshold: float = Field(description="Threshold for cells of smear fields (rare positives).")
     field_refer_band: tuple[float, float] = Field(description="Refer band for cells of smear fields.")
     training_sources: list[str] = Field(description="nih, smear, synthetic (a demo model: not for real samples).")
+    runtime: str = Field(description="Inference runtime serving the model: openvino or tensorflow.")
+    precision: str = Field(description="Precision served: fp32, or bf16 / int8 where the import's gate passed them.")

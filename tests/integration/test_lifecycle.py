@@ -151,6 +151,33 @@ def test_stored_model_predicts_like_the_trained_one(champion, synthetic_dir):
     np.testing.assert_allclose(served, trained, atol=1e-5)
 
 
+def test_import_converts_for_openvino_gated_on_the_test_split(champion):
+    settings, record, stored = champion
+    converted = stored.info.metadata["runtime"]
+    test_images = int((read_manifest(settings.splits_path)["split"] == "test").sum())
+    assert converted["conversion"]["reference"] == f"the test split ({test_images} images)"
+    assert converted["conversion"]["max_abs_difference"] <= 1e-4
+    fp32 = converted["precisions"]["fp32"]
+    assert fp32["passed"] and fp32["accuracy"] == pytest.approx(record.metrics["test_accuracy"], abs=1e-4)
+    assert converted["default_precision"] in {name for name, e in converted["precisions"].items() if e["passed"]}
+    assert (Path(stored.path_of("openvino")) / "model.xml").is_file()
+    saved = np.load(Path(stored.path_of("mlflow_model")) / "artifacts" / "reference_batch.npz")
+    assert saved["images"].shape == (32, record.spec.image_size, record.spec.image_size, 3)
+
+
+def test_a_conversion_failing_its_gate_is_refused_and_the_store_keeps_its_model(champion, monkeypatch):
+    from malaria import runtime
+    from malaria.bento import import_model
+
+    settings, _, stored = champion
+    before = {str(model.tag) for model in bentoml.models.list(settings.bento_model_name)}
+    monkeypatch.setattr(runtime, "CONVERSION_TOLERANCE", -1.0)  # no conversion can be that close
+    with pytest.raises(runtime.ConversionError, match="conversion refused, the store keeps its current model"):
+        import_model(settings)
+    assert {str(model.tag) for model in bentoml.models.list(settings.bento_model_name)} == before
+    assert bentoml.models.get(f"{settings.bento_model_name}:latest").tag == stored.tag
+
+
 def test_no_champion_is_a_clear_error(settings_factory):
     settings = settings_factory(registered_model_name="nothing-here")
     with pytest.raises(RegistryError, match="no @champion"):
