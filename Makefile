@@ -11,7 +11,7 @@ export TF_CPP_MIN_LOG_LEVEL ?= 2
 
 .PHONY: install model data report train evaluate import serve test test-fast lint format bento bento-offline bento-gpu base-image image image-prune image-smoke bench bench-batch lab-screenshot soak clean
 
-$(BIN)/malaria: pyproject.toml requirements/serving.txt requirements/train.txt
+$(BIN)/malaria: pyproject.toml requirements/serving.txt requirements/tensorflow.txt requirements/train.txt
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet -e ".[dev,spark]"

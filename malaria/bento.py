@@ -153,7 +153,14 @@ def load_runtime(bento_model, settings: Settings) -> LoadedRuntime:
         return LoadedRuntime(openvino_predict(ir, chosen, settings.tf_intra_op_threads), "openvino", chosen)
     if settings.precision not in ("auto", "fp32"):
         raise ValueError(f"MALARIA_PRECISION={settings.precision} needs the OpenVINO runtime")
-    configure_tensorflow(settings)
+    try:
+        configure_tensorflow(settings)
+    except ModuleNotFoundError as exc:  # the default image carries OpenVINO only
+        raise RuntimeError(
+            f"MALARIA_RUNTIME=tensorflow (or a model imported without its OpenVINO copy) needs TensorFlow, "
+            f"which this installation lacks ({exc}): import the model with `malaria import-model`, or build "
+            "an image with requirements/tensorflow.txt (`make bento-gpu`)"
+        ) from exc
     from malaria.model import compiled_predict
 
     return LoadedRuntime(compiled_predict(load_stored_keras(bento_model)), "tensorflow", "fp32")

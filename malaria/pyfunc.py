@@ -144,12 +144,15 @@ def signature():
 
 
 def serving_requirements() -> list[str]:
-    """The serving runtime's pinned requirements (the repo's file, else the installed package's metadata)."""
+    """The pipeline's pinned requirements: serving's and TensorFlow's (the repo's files, else the installed
+    package's metadata)."""
     from importlib.metadata import requires
 
-    path = Path(__file__).resolve().parent.parent / "requirements" / "serving.txt"
-    if path.is_file():
-        return [line.strip() for line in path.read_text().splitlines() if line.strip() and not line.startswith("#")]
+    folder = Path(__file__).resolve().parent.parent / "requirements"
+    files = [folder / "serving.txt", folder / "tensorflow.txt"]
+    if all(path.is_file() for path in files):
+        lines = [line.strip() for path in files for line in path.read_text().splitlines()]
+        return [line for line in lines if line and not line.startswith("#")]
     return [r for r in requires("malaria-bento") or [] if "extra ==" not in r]
 
 

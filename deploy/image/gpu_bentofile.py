@@ -1,4 +1,4 @@
-"""Write the GPU build recipe: ``bentofile.yaml`` with TensorFlow's CUDA wheels, ``MALARIA_GPU=true`` and one worker.
+"""Write the GPU build recipe: `bentofile.yaml` plus TensorFlow with CUDA wheels, `MALARIA_GPU=true`, one worker.
 
 ``make bento-gpu`` runs ``python deploy/image/gpu_bentofile.py build`` and then
 ``bentoml build -f build/bentofile.gpu.yaml .``. Everything else is read from ``bentofile.yaml`` and
@@ -17,15 +17,20 @@ ROOT = Path(__file__).resolve().parents[2]
 CPU_TENSORFLOW, GPU_TENSORFLOW = "tensorflow-cpu==", "tensorflow[and-cuda]=="
 # One process owns the GPU and batches for it (TensorFlow's memory growth is on in the service).
 GPU_ENVS = {"MALARIA_GPU": "true", "MALARIA_WORKERS": "1"}
+TENSORFLOW_REQUIREMENTS = "requirements/tensorflow.txt"
 
 
 def write_gpu_recipe(out_dir: Path) -> Path:
     """Write ``serving-gpu.txt`` and ``bentofile.gpu.yaml`` into ``out_dir``; returns the recipe's path."""
     out_dir.mkdir(parents=True, exist_ok=True)
     recipe = yaml.safe_load((ROOT / "bentofile.yaml").read_text())
-    cpu_requirements = (ROOT / recipe["python"]["requirements_txt"]).read_text().splitlines()
+    # The default image serves with OpenVINO; the GPU one with TensorFlow, so it adds TensorFlow's requirements.
+    cpu_requirements = [
+        *(ROOT / recipe["python"]["requirements_txt"]).read_text().splitlines(),
+        *(ROOT / TENSORFLOW_REQUIREMENTS).read_text().splitlines(),
+    ]
     if not any(line.startswith(CPU_TENSORFLOW) for line in cpu_requirements):
-        raise SystemExit(f"no {CPU_TENSORFLOW} pin in {recipe['python']['requirements_txt']}")
+        raise SystemExit(f"no {CPU_TENSORFLOW} pin in {TENSORFLOW_REQUIREMENTS}")
     requirements = out_dir / "serving-gpu.txt"
     requirements.write_text(
         "\n".join(line.replace(CPU_TENSORFLOW, GPU_TENSORFLOW, 1) for line in cpu_requirements) + "\n"

@@ -1,7 +1,8 @@
 """`make image-smoke`: run the image built by `make image`, classify real cells, check the answers, stop.
 
 Checks: `/readyz` within the timeout; `/classify` and `/predict` answer for held-out test cells with
-the same labels and probabilities as the same model run in-process (the image's model is the one in
+the same labels and probabilities as the same model run in-process with the runtime and precision
+the image reports in `/model_info` (the image's model is the one in
 the local BentoML store that `make image` packaged), and mostly the true labels; `/model_info` names
 that model; SIGTERM stops the server with exit code 0 and leaves no process behind.
 """
@@ -21,11 +22,10 @@ from pathlib import Path
 
 import numpy as np
 
-from malaria.bento import load_stored_keras, stored_spec
+from malaria.bento import load_runtime, stored_spec
 from malaria.client import MalariaClient
 from malaria.config import get_settings
 from malaria.data import ensure_dataset, prepare, read_manifest
-from malaria.model import compiled_predict
 from malaria.preprocess import preprocess_batch
 from malaria.server_process import free_port
 
@@ -200,9 +200,6 @@ def main() -> None:
     spec = stored_spec(stored)
 
     paths, truth = held_out_cells(CELLS_PER_CLASS)
-    predict = compiled_predict(load_stored_keras(stored))
-    expected_p = spec.probability_positive(predict(preprocess_batch(paths, spec)))
-    expected_labels = spec.labels(expected_p)
 
     port = free_port()
     url = f"http://127.0.0.1:{port}"
@@ -218,6 +215,11 @@ def main() -> None:
     finally:
         exit_code = container.stop()
     stopped_s = time.monotonic() - started
+    # In process with the runtime and precision the image says it serves (OpenVINO bf16 by default).
+    served_with = get_settings().model_copy(update={"runtime": info["runtime"], "precision": info["precision"]})
+    predict = load_runtime(stored, served_with).predict
+    expected_p = spec.probability_positive(predict(preprocess_batch(paths, spec)))
+    expected_labels = spec.labels(expected_p)
 
     served_p = np.array([a["probability_parasitized"] for a in answers])
     served_labels = [a["label"] for a in answers]

@@ -550,7 +550,12 @@ def test_gpu_recipe_is_the_cpu_one_with_cuda_tensorflow_and_the_gpu_settings(tmp
     envs = {env["name"]: env["value"] for env in gpu["envs"]}
     assert envs == {**{env["name"]: env["value"] for env in cpu["envs"]}, "MALARIA_GPU": "true", "MALARIA_WORKERS": "1"}
     assert Settings(**{k.removeprefix("MALARIA_").lower(): v for k, v in envs.items() if k.startswith("MALARIA_")}).gpu
-    cpu_lines = (ROOT / cpu["python"]["requirements_txt"]).read_text().splitlines()
+    # The CPU image serves with OpenVINO and no TensorFlow; the GPU one adds TensorFlow with CUDA.
+    cpu_lines = [
+        *(ROOT / cpu["python"]["requirements_txt"]).read_text().splitlines(),
+        *(ROOT / "requirements/tensorflow.txt").read_text().splitlines(),
+    ]
+    assert not any(line.startswith("tensorflow") for line in (ROOT / cpu["python"]["requirements_txt"]).open())
     gpu_lines = (ROOT / gpu["python"]["requirements_txt"]).read_text().splitlines()
     [(cpu_tf, gpu_tf)] = [(a, b) for a, b in zip(cpu_lines, gpu_lines, strict=True) if a != b]
     version = cpu_tf.removeprefix("tensorflow-cpu==")
