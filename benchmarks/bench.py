@@ -400,7 +400,7 @@ def write_table(results: dict) -> None:
         )
     limit = ", ".join(f"{k.replace('_', ' ')}: {v} img/s" for k, v in results["limit"].items())
     model_only = "; ".join(
-        f"{k.replace('_', ' ')}: " + ", ".join(f"batch {b} {v}" for b, v in rates.items())
+        f"{k.replace('_', ' ')}: " + ", ".join(f"batch {b} {v}" for b, v in rates.items() if b.isdigit())
         for k, rates in results.get("model_only", {}).items()
     )
     columns = list(dict.fromkeys(key for figures in results.get("runtimes", {}).values() for key in figures))
