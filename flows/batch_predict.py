@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 from typing import Literal
 
+import httpx
 from bentoml.exceptions import BentoMLException
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
@@ -20,13 +21,15 @@ Engine = Literal["service", "spark"]
 
 
 def _is_transient(task, task_run, state) -> bool:
-    """Retry connection failures and 5xx answers (503 overload, 504 timeout), never a 4xx."""
+    """Retry 5xx answers (503 overload or not ready, 504 timeout) and lost connections; never a 4xx or a bug."""
     try:
         state.result()
     except BentoMLException as exc:
         return int(exc.error_code) >= 500
-    except Exception:  # noqa: BLE001 - network errors of any client library are transient
+    except (httpx.TransportError, ConnectionError):  # refused, reset, timed out on the way
         return True
+    except Exception:  # noqa: BLE001 - anything else is not the network's fault: retrying would repeat it
+        return False
     return False
 
 

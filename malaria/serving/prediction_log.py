@@ -39,8 +39,10 @@ class PredictionLog:
         max_queued: int = 10_000,
         max_file_bytes: int = 100_000_000,
         keep_days: int = 30,
+        clock: Callable[[], datetime] = lambda: datetime.now(UTC),
     ):
         self.folder = folder
+        self.clock = clock  # what day it is (the tests move it)
         self.prefix = prefix
         self.filenames = filenames
         self.max_file_bytes, self.keep_days = max_file_bytes, keep_days
@@ -55,7 +57,7 @@ class PredictionLog:
 
     def record(self, predictions: list[Prediction], prepared: PreparedImages, latency_ms: float) -> None:
         """Queue the log lines of one request (returns at once)."""
-        now = datetime.now(UTC).isoformat()
+        now = self.clock().isoformat()
         features = image_features_batch(prepared.batch, prepared.sizes)
         self._enqueue(
             [
@@ -76,7 +78,7 @@ class PredictionLog:
 
     def record_lines(self, lines: list[dict]) -> None:
         """Queue ready-made log lines (returns at once); a ``filename`` is logged by the policy."""
-        now = datetime.now(UTC).isoformat()
+        now = self.clock().isoformat()
         named = [
             {**line, "filename": self.logged_name(line["filename"])} if "filename" in line else line for line in lines
         ]
@@ -97,7 +99,7 @@ class PredictionLog:
         return None
 
     def _path(self) -> Path:
-        day = f"{datetime.now(UTC):%Y-%m-%d}"
+        day = f"{self.clock():%Y-%m-%d}"
         if day != self._day:
             self._day, self._part = day, 0
             self._delete_old_days(day)

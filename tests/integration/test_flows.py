@@ -201,21 +201,51 @@ def test_pipeline_caches_unchanged_steps(synthetic_dir, settings_env, tmp_path, 
     assert "eval.accuracy" in get_version(get_settings(), "1").tags
 
 
-def test_batch_predict_retries_server_errors_and_lost_connections_but_not_rejections():
+@pytest.mark.parametrize(
+    ("failure", "attempts"),
+    [
+        ("ServiceUnavailable", 4),  # overloaded or not ready: 1 + 3 retries
+        ("InternalServerError", 4),
+        ("ConnectError", 4),  # a lost connection
+        ("InvalidArgument", 1),  # the service rejected the input: asking again gives the same answer
+        ("KeyError", 1),  # a bug here: retrying would repeat it
+    ],
+)
+def test_batch_predict_retries_server_errors_and_lost_connections_but_not_rejections(
+    prefect_harness, monkeypatch, failure, attempts
+):
     import httpx
-    from bentoml.exceptions import InternalServerError, InvalidArgument, ServiceUnavailable
-    from prefect.states import Completed, Failed
+    from bentoml import exceptions
+    from prefect import flow
 
-    from flows.batch_predict import _is_transient
+    import flows.batch_predict as batch_predict
 
-    def failed(exc: Exception):
-        return Failed(data=exc, message=str(exc))
+    calls = []
 
-    assert _is_transient(None, None, failed(ServiceUnavailable("overloaded")))
-    assert _is_transient(None, None, failed(InternalServerError("model failed")))
-    assert _is_transient(None, None, failed(httpx.ConnectError("refused")))
-    assert not _is_transient(None, None, failed(InvalidArgument("not an image")))
-    assert not _is_transient(None, None, Completed(data=[]))
+    class FailingClient:  # the service's side of the exchange; Prefect's retries run for real
+        def __init__(self, url, token=None):
+            calls.append(url)
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            return False
+
+        def classify_files(self, paths):
+            error = getattr(exceptions, failure, None) or getattr(httpx, failure, None) or KeyError
+            raise error(failure)
+
+    monkeypatch.setattr(batch_predict, "MalariaClient", FailingClient)
+    chunk = batch_predict.classify_chunk.with_options(retry_delay_seconds=0)
+
+    @flow
+    def one_chunk():
+        return chunk([Path("cell.png")], "http://service", None, return_state=True)
+
+    state = one_chunk(return_state=True)
+    assert state.is_failed()
+    assert len(calls) == attempts
 
 
 def test_the_drift_flow_reports_live_accuracy_on_reviewed_cells_and_alerts_below_the_setting(

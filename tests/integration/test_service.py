@@ -5,6 +5,8 @@ from __future__ import annotations
 import io
 import json
 import re
+import threading
+from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -22,7 +24,8 @@ pytestmark = pytest.mark.slow
 @pytest.fixture(scope="module")
 def server(champion, tmp_path_factory):
     srv = Server({}, tmp_path_factory.mktemp("serve") / "predictions")
-    srv.successes = 0
+    srv.successes = 0  # images answered 200: the prediction log must hold exactly as many lines
+    srv.count_lock = threading.Lock()  # post_files runs on many threads at once
     yield srv
     srv.stop()
 
@@ -42,8 +45,8 @@ def expected(champion):
     _, record, stored = champion
     model = load_stored_keras(stored)
 
-    def probability(path: Path) -> float:
-        return float(predict_probability(model, preprocess(path, record.spec)[None], record.spec)[0])
+    def probability(source: Path | bytes) -> float:
+        return float(predict_probability(model, preprocess(source, record.spec)[None], record.spec)[0])
 
     return probability
 
@@ -60,7 +63,8 @@ def post_files(server, route: str, field: str, files: list[tuple[str, bytes]], *
     )
     if response.status_code == 200:
         body = response.json()
-        server.successes += 1 if route == "predict" else len(body if route == "classify" else body["predictions"])
+        with server.count_lock:
+            server.successes += 1 if route == "predict" else len(body if route == "classify" else body["predictions"])
     return response
 
 
@@ -134,17 +138,36 @@ def batch_histogram(server) -> tuple[str, dict[str, float]]:
     }
 
 
+def predictions_counted(server) -> dict[tuple[str, str], float]:
+    """``malaria_predictions_total`` by (label, decision), from /metrics."""
+    metrics = httpx.get(f"{server.url}/metrics", timeout=10).text
+    found = re.findall(r"malaria_predictions_total\{([^}]*)\} ([0-9.e+]+)", metrics)
+    counted = {}
+    for labels, value in found:
+        pairs = dict(re.findall(r'(\w+)="([^"]*)"', labels))
+        counted[(pairs["label"], pairs["decision"])] = float(value)
+    return counted
+
+
 def test_concurrent_single_image_calls_reach_the_model_in_batches(server, cells):
     images = [p.read_bytes() for p in cells["Parasitized"] + cells["Uninfected"]] * 3
 
-    def one(data: bytes) -> int:
-        return post_files(server, "predict", "image", [("c.png", data)]).status_code
+    def one(data: bytes) -> tuple[int, tuple[str, str] | None]:
+        response = post_files(server, "predict", "image", [("c.png", data)])
+        body = response.json() if response.status_code == 200 else {}
+        return response.status_code, (body.get("label"), body.get("decision"))
 
+    counted_before = predictions_counted(server)
     _, before = batch_histogram(server)
     with ThreadPoolExecutor(32) as pool:
-        codes = list(pool.map(one, images))
-    assert codes == [200] * len(images)
+        answers = list(pool.map(one, images))
+    assert [code for code, _ in answers] == [200] * len(images)
     metrics, after = batch_histogram(server)
+    counted = predictions_counted(server)
+    served = Counter(answer for _, answer in answers)
+    assert {k: counted.get(k, 0) - counted_before.get(k, 0) for k in counted} == {
+        k: served.get(k, 0) for k in counted
+    }, "malaria_predictions_total counts exactly what was answered, by label and decision"
     delta = {k: after[k] - before[k] for k in after}
     assert delta["images"] == len(images), "every image goes through the batched model call"
     assert 0 < delta["calls"] < len(images), "fewer model calls than requests: calls were batched"
@@ -180,10 +203,11 @@ def odd_images() -> dict[str, bytes]:
 
 
 @pytest.mark.parametrize("kind", list(odd_images()))
-def test_odd_but_valid_images_are_accepted(server, kind):
-    response = post_files(server, "predict", "image", [(f"{kind}.png", odd_images()[kind])])
+def test_odd_but_valid_images_are_accepted(server, kind, expected):
+    data = odd_images()[kind]
+    response = post_files(server, "predict", "image", [(f"{kind}.png", data)])
     assert response.status_code == 200, response.text
-    assert 0.0 <= response.json()["probability_parasitized"] <= 1.0
+    assert response.json()["probability_parasitized"] == pytest.approx(expected(data), abs=1e-4)
 
 
 def bad_requests(cells) -> dict[str, tuple[str, dict, int, str]]:
@@ -218,7 +242,12 @@ def bad_requests(cells) -> dict[str, tuple[str, dict, int, str]]:
             "limit",
         ),
         "no images": ("classify", {"files": {"other": ("x.png", good, "image/png")}}, 400, "images"),
-        "missing field": ("predict", {"files": {"picture": ("x.png", good, "image/png")}}, 400, "image"),
+        "missing field": (
+            "predict",
+            {"files": {"picture": ("x.png", good, "image/png")}},
+            400,
+            "unexpected file field; this endpoint takes: image",
+        ),
         "json instead of file": ("predict", {"json": {"image": "x"}}, 400, "file upload"),
         "url in a file field": ("predict", {"data": {"image": "http://127.0.0.1:9/cell.png"}}, 400, "takes files"),
         "text in a file field": ("predict", {"files": {"image": (None, b"x")}}, 400, "takes files"),

@@ -77,8 +77,30 @@ def test_split_never_shares_a_patient_and_keeps_classes(synthetic_dir, settings_
     split = split_by_patient(frame, seed=1)
     assert set(split["split"]) == {"train", "val", "test"}
     assert split.groupby("patient")["split"].nunique().max() == 1
-    for _, part in split.groupby("split"):
+    for _, part in split.groupby("split"):  # balanced patients here; stratification: the next test
         assert 0.25 < labels_of(part).mean() < 0.75
+
+
+def unbalanced_patients(n_patients: int = 40, seed: int = 0) -> pd.DataFrame:
+    """Manifest rows of patients whose cells are mostly of one class (as on real slides), 20 to 120 cells each."""
+    rng = np.random.default_rng(seed)
+    rows = []
+    for patient in range(n_patients):
+        infected_share = 0.9 if patient % 4 == 0 else 0.05  # a quarter of the patients carry most infected cells
+        for cell in range(int(rng.integers(20, 120))):
+            label = PARASITIZED if rng.random() < infected_share else "Uninfected"
+            rows.append({"path": f"{label}/C{patient}_cell_{cell}.png", "label": label, "patient": f"C{patient}"})
+    return pd.DataFrame(rows)
+
+
+def test_the_split_keeps_the_class_share_of_each_part_when_patients_are_unbalanced():
+    frame = unbalanced_patients()
+    overall = labels_of(frame).mean()
+    for seed in range(3):
+        split = split_by_patient(frame, seed=seed)
+        assert split.groupby("patient")["split"].nunique().max() == 1
+        for name, part in split.groupby("split"):
+            assert abs(labels_of(part).mean() - overall) < 0.05, (seed, name, labels_of(part).mean(), overall)
 
 
 def test_split_is_deterministic_for_a_seed(synthetic_dir, settings_factory):

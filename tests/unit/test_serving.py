@@ -6,6 +6,7 @@ import asyncio
 import hashlib
 import io
 import json
+import os
 import threading
 import time
 
@@ -85,12 +86,25 @@ def test_batching_off_is_one_model_call_per_request():
     assert [r[:, 0].tolist() for r in results] == [[i, i] for i in range(5)]
 
 
-def test_overload_fallback_is_a_503():
-    from malaria.serving.batching import overloaded as _overloaded
+class SlowModel(FakeModel):
+    def __call__(self, batch: np.ndarray) -> np.ndarray:
+        time.sleep(0.05)
+        return super().__call__(batch)
 
-    with pytest.raises(ServiceUnavailable) as raised:
-        _overloaded()
-    assert raised.value.error_code == 503
+
+def test_calls_that_cannot_be_scheduled_within_the_latency_budget_get_a_503_and_the_rest_answers():
+    model = SlowModel()
+    service = batched(model, max_batch_size=2, max_latency_ms=20)  # 50 ms a call: a queue of 30 cannot fit
+
+    async def run():
+        return await asyncio.gather(*(service(images([i])) for i in range(30)), return_exceptions=True)
+
+    results = asyncio.run(run())
+    refused = [r for r in results if isinstance(r, ServiceUnavailable)]
+    answered = [(i, r) for i, r in enumerate(results) if isinstance(r, np.ndarray)]
+    assert refused and all(r.error_code == 503 and "overloaded" in str(r) for r in refused)
+    assert answered and all(float(r[0, 0]) == i for i, r in answered)  # the others got their own answers
+    assert len(refused) + len(answered) == 30
 
 
 def test_an_upload_is_read_from_the_parsed_form_with_the_clients_file_name():
@@ -244,3 +258,38 @@ def test_prediction_log_rotates_by_size_and_deletes_old_days(tmp_path):
     from malaria.monitoring import load_prediction_window
 
     assert len(load_prediction_window(tmp_path)) == 12  # the drift reader finds every part
+
+
+def test_prediction_log_starts_a_file_each_day_and_deletes_days_past_keep_days(tmp_path):
+    from datetime import UTC, datetime, timedelta
+
+    today = [datetime(2026, 3, 1, 23, 59, tzinfo=UTC)]
+    log = PredictionLog(tmp_path, keep_days=7, max_file_bytes=60, clock=lambda: today[0])
+
+    def write(request_id: str) -> None:
+        log.record_lines([{"request_id": request_id}])
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:  # one write at a time: wait until the writer has written it
+            if any(request_id in path.read_text() for path in tmp_path.glob("predictions-*.jsonl")):
+                return
+            time.sleep(0.01)
+
+    for i in range(3):
+        write(f"march-1-{i}")
+    today[0] += timedelta(minutes=2)  # past midnight: a new file, parts counted again from 0
+    write("march-2")
+    pid = os.getpid()
+    assert sorted(p.name for p in tmp_path.glob("predictions-*.jsonl")) == [
+        f"predictions-2026-03-01-{pid}.1.jsonl",  # each line is over 60 bytes: one part per write
+        f"predictions-2026-03-01-{pid}.2.jsonl",
+        f"predictions-2026-03-01-{pid}.jsonl",
+        f"predictions-2026-03-02-{pid}.jsonl",  # a new day starts again without a part number
+    ]
+    today[0] += timedelta(days=7)  # March 9: March 1 is past the 7 days kept, March 2 is not
+    write("march-9")
+    log.close()
+    names = sorted(p.name.replace(f"-{os.getpid()}", "") for p in tmp_path.glob("predictions-*.jsonl"))
+    assert names == ["predictions-2026-03-02.jsonl", "predictions-2026-03-09.jsonl"]
+    lines = [json.loads(line) for line in (tmp_path / f"predictions-2026-03-09-{os.getpid()}.jsonl").open()]
+    assert [line["request_id"] for line in lines] == ["march-9"]
+    assert lines[0]["time"].startswith("2026-03-09")
