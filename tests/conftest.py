@@ -15,6 +15,20 @@ os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 # real-data folders are kept for the real-data tests only.
 REAL_DATA_DIR = os.environ.get("MALARIA_DATA_DIR") or None
 REAL_SMEAR_DIR = os.environ.get("MALARIA_SMEAR_DIR") or None
+# Set by `.ci/run` where ../shared holds the data: a real-data test whose folder is missing then fails
+# instead of skipping (a CI that silently lost its data would otherwise pass).
+EXPECTED_REAL_DATA = set(filter(None, os.environ.get("MALARIA_EXPECT_REAL_DATA", "").split(",")))
+
+
+def need_real_data(kind: str, available: bool, variable: str) -> None:
+    """Skip a real-data test where the data is not promised; fail it where it is (``MALARIA_EXPECT_REAL_DATA``)."""
+    if available:
+        return
+    if kind in EXPECTED_REAL_DATA:
+        pytest.fail(f"MALARIA_EXPECT_REAL_DATA includes {kind}, but {variable} does not point at the data")
+    pytest.skip(f"{variable} not set: no real {kind} here")
+
+
 for _name in [name for name in os.environ if name.startswith("MALARIA_")]:
     del os.environ[_name]
 

@@ -60,31 +60,32 @@ def test_run_and_registry_hold_params_metrics_spec_and_signature(champion):
     assert champion_record.spec == record.spec
 
 
-def test_champion_alias_only_moves_for_a_model_at_least_as_good(champion):
+@pytest.fixture
+def newer(champion):
+    """Another version of the champion's run; the champion alias is put back afterwards, whatever happened."""
     settings, record, _ = champion
-    worse = {settings.gate_metric: record.metrics[settings.gate_metric] - 0.1}
     mlflow.set_tracking_uri(settings.mlflow_tracking_uri)
     client = mlflow.MlflowClient()
-    newer = client.create_model_version(
+    yield client.create_model_version(
         settings.registered_model_name, f"runs:/{record.run_id}/model", run_id=record.run_id
     )
+    client.set_registered_model_alias(settings.registered_model_name, settings.champion_alias, record.version)
+
+
+def test_champion_alias_only_moves_for_a_model_at_least_as_good(champion, newer):
+    settings, record, _ = champion
+    worse = {settings.gate_metric: record.metrics[settings.gate_metric] - 0.1}
     assert not promote_if_better(settings, newer.version, worse)
     assert champion_version(settings) == record.version
     assert promote_if_better(settings, newer.version, worse, force=True)
     assert champion_version(settings) == str(newer.version)
-    client.set_registered_model_alias(settings.registered_model_name, "champion", record.version)
 
 
-def test_a_champion_validated_on_other_images_is_scored_again_on_the_new_ones(champion):
+def test_a_champion_validated_on_other_images_is_scored_again_on_the_new_ones(champion, newer):
     """A real-data model must not lose to a champion whose score came from other (e.g. generated) images."""
     settings, record, _ = champion
     champion_set = get_version(settings).tags[VALIDATION_SET_TAG]
     assert champion_set == record.tags[VALIDATION_SET_TAG]
-    mlflow.set_tracking_uri(settings.mlflow_tracking_uri)
-    client = mlflow.MlflowClient()
-    newer = client.create_model_version(
-        settings.registered_model_name, f"runs:/{record.run_id}/model", run_id=record.run_id
-    )
     candidate = {settings.gate_metric: record.metrics[settings.gate_metric] - 0.1}
     rescored = []
 
@@ -106,7 +107,6 @@ def test_a_champion_validated_on_other_images_is_scored_again_on_the_new_ones(ch
     # Other validation images: the champion is scored on the candidate's, and loses there.
     assert promote_if_better(settings, newer.version, candidate, False, "other-images", rescore)
     assert rescored == [record.version] and champion_version(settings) == str(newer.version)
-    client.set_registered_model_alias(settings.registered_model_name, "champion", record.version)
 
 
 def test_rescoring_a_version_on_its_own_validation_images_gives_its_recorded_score(champion):
@@ -234,17 +234,9 @@ def test_against_a_tracking_server_artifacts_go_to_the_server_store(settings_fac
         server.stop()
 
 
-def test_a_version_scoring_exactly_the_champions_score_is_promoted(champion):
+def test_a_version_scoring_exactly_the_champions_score_is_promoted(champion, newer):
     """The gate's boundary: 'at least as good' moves the alias on a tie (same validation images)."""
     settings, record, _ = champion
-    mlflow.set_tracking_uri(settings.mlflow_tracking_uri)
-    client = mlflow.MlflowClient()
-    newer = client.create_model_version(
-        settings.registered_model_name, f"runs:/{record.run_id}/model", run_id=record.run_id
-    )
-    try:
-        tie = {settings.gate_metric: record.metrics[settings.gate_metric]}
-        assert promote_if_better(settings, newer.version, tie, False, record.tags[VALIDATION_SET_TAG])
-        assert champion_version(settings) == str(newer.version)
-    finally:
-        client.set_registered_model_alias(settings.registered_model_name, "champion", record.version)
+    tie = {settings.gate_metric: record.metrics[settings.gate_metric]}
+    assert promote_if_better(settings, newer.version, tie, False, record.tags[VALIDATION_SET_TAG])
+    assert champion_version(settings) == str(newer.version)

@@ -1,17 +1,20 @@
-"""Checks on the real NIH images; they run when MALARIA_DATA_DIR points at them (CI sets it)."""
+"""Checks on the real NIH images; they run when MALARIA_DATA_DIR points at them (`.ci/run` sets it where the
+data is, with MALARIA_EXPECT_REAL_DATA, so that missing data fails there instead of skipping)."""
 
 from pathlib import Path
 
 import pytest
 
 from malaria.data import scan_dataset, split_by_patient
-from tests.conftest import REAL_DATA_DIR, make_settings
+from tests.conftest import REAL_DATA_DIR, make_settings, need_real_data
 
 DATA_DIR = REAL_DATA_DIR
-pytestmark = [
-    pytest.mark.real_data,
-    pytest.mark.skipif(not DATA_DIR or not Path(DATA_DIR).is_dir(), reason="MALARIA_DATA_DIR not set"),
-]
+pytestmark = pytest.mark.real_data
+
+
+@pytest.fixture(autouse=True, scope="module")
+def real_cells() -> None:
+    need_real_data("cells", bool(DATA_DIR) and Path(DATA_DIR).is_dir(), "MALARIA_DATA_DIR")
 
 
 @pytest.fixture(scope="module")

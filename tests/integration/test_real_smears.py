@@ -13,15 +13,15 @@ from malaria.preprocess import decode_image
 from malaria.smear.annotations import load_annotations, split_fields
 from malaria.smear.detect import detect_cells
 from malaria.smear.evaluation import score_field, summarise_scores
-from tests.conftest import REAL_SMEAR_DIR
+from tests.conftest import REAL_SMEAR_DIR, need_real_data
 
 SMEAR_DIR = REAL_SMEAR_DIR
-pytestmark = [
-    pytest.mark.real_data,
-    pytest.mark.skipif(
-        not SMEAR_DIR or not (Path(SMEAR_DIR) / "annotations.json").is_file(), reason="MALARIA_SMEAR_DIR not set"
-    ),
-]
+pytestmark = pytest.mark.real_data
+
+
+@pytest.fixture(autouse=True, scope="module")
+def real_smears() -> None:
+    need_real_data("smears", bool(SMEAR_DIR) and (Path(SMEAR_DIR) / "annotations.json").is_file(), "MALARIA_SMEAR_DIR")
 
 
 def detection_only(rgb: np.ndarray) -> dict:

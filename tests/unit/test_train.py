@@ -4,6 +4,8 @@ import json
 import subprocess
 import sys
 
+import pytest
+
 from malaria.data import generate_synthetic, scan_dataset
 from malaria.model import PROFILES, build_model
 from malaria.spec import ModelSpec
@@ -85,6 +87,7 @@ print(json.dumps({
 """
 
 
+@pytest.mark.slow  # three small trainings: `make test-fast` promises none
 def test_deterministic_training_repeats_the_same_weights(tmp_path):
     result = subprocess.run(
         [sys.executable, "-c", REPEATED_FIT, str(tmp_path)],
