@@ -9,15 +9,30 @@ import subprocess
 import sys
 import time
 import urllib.request
+from collections.abc import Callable
 from pathlib import Path
+from typing import TypeVar
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
+T = TypeVar("T")
 
 
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
+
+
+def on_a_free_port(start: Callable[[int], T], attempts: int = 3) -> T:
+    """``start(port)`` on a port that was free a moment ago; if another process took it in between (the
+    server exits saying "address already in use"), again on another port."""
+    for attempt in range(attempts):
+        try:
+            return start(free_port())
+        except RuntimeError as exc:
+            if "address already in use" not in str(exc).lower() or attempt == attempts - 1:
+                raise
+    raise AssertionError("unreachable")
 
 
 def bentoml_serve_command(port: int) -> list[str]:

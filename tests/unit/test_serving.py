@@ -293,3 +293,30 @@ def test_prediction_log_starts_a_file_each_day_and_deletes_days_past_keep_days(t
     lines = [json.loads(line) for line in (tmp_path / f"predictions-2026-03-09-{os.getpid()}.jsonl").open()]
     assert [line["request_id"] for line in lines] == ["march-9"]
     assert lines[0]["time"].startswith("2026-03-09")
+
+
+def test_a_server_whose_port_was_taken_meanwhile_starts_on_another(tmp_path, monkeypatch):
+    import socket
+    import sys
+
+    from malaria import server_process
+
+    taken = socket.socket()
+    taken.bind(("127.0.0.1", 0))
+    taken.listen()  # another process got the port between free_port() and the server's bind
+    taken_port = taken.getsockname()[1]
+    ports = iter([taken_port, server_process.free_port()])
+    monkeypatch.setattr(server_process, "free_port", lambda: next(ports))
+
+    def start(port: int) -> server_process.ServerProcess:
+        command = [sys.executable, "-m", "http.server", str(port), "--bind", "127.0.0.1"]
+        return server_process.ServerProcess(command, port, {}, tmp_path / f"{port}.log", 30, ready_path="/")
+
+    try:
+        server = server_process.on_a_free_port(start)
+        server.stop()
+    finally:
+        taken.close()
+    assert server.url != f"http://127.0.0.1:{taken_port}"  # it answered /, on the second port
+    first_try = (tmp_path / f"{taken_port}.log").read_text()
+    assert "address already in use" in first_try.lower()
