@@ -18,6 +18,7 @@ CLASS_NAMES: tuple[str, str] = (PARASITIZED, UNINFECTED)
 
 Decision = Literal["parasitized", "uninfected", "refer"]
 DECISIONS: tuple[Decision, ...] = get_args(Decision)
+PROBABILITY_DECIMALS = 6  # answers (and so the prediction log) carry probabilities to 6 decimals
 
 
 def check_refer_band(band: tuple[float, float]) -> tuple[float, float]:
@@ -112,8 +113,8 @@ class ModelSpec(BaseModel):
         label = self.positive_class if p >= self.threshold else self.negative_class
         return {
             "label": label,
-            "probability_parasitized": round(p, 6),
-            "confidence": round(p if label == self.positive_class else 1 - p, 6),
+            "probability_parasitized": round(p, PROBABILITY_DECIMALS),
+            "confidence": round(p if label == self.positive_class else 1 - p, PROBABILITY_DECIMALS),
             "decision": self.decision(p),
         }
 

@@ -14,7 +14,6 @@ from sklearn import metrics as skm
 
 from malaria.config import get_settings
 from malaria.data import generate_synthetic, load_arrays
-from malaria.monitoring import image_features_batch
 from malaria.registry import get_version, load_keras_model
 from malaria.train import predict_probability
 from tests.conftest import make_settings
@@ -73,7 +72,11 @@ def test_evaluate_flow_matches_scikit_learn_and_saves_the_threshold(champion, se
 def _write_prediction_log(
     folder: Path, images_dir: Path, champion, transform=None, model_version: str | None = None
 ) -> int:
-    """Log lines as the service writes them, for images from ``images_dir`` (optionally transformed)."""
+    """Log lines written by the service's own ``PredictionLog``, for images from ``images_dir`` (optionally
+    transformed) and the champion's answers to them."""
+    from malaria.serving.prediction_log import PredictionLog
+    from malaria.serving.uploads import PreparedImages, make_predictions
+
     settings, record, _ = champion
     paths = sorted(images_dir.rglob("*.png"))
     model, _ = load_keras_model(settings)
@@ -81,13 +84,12 @@ def _write_prediction_log(
     if transform is not None:
         batch = transform(batch)
     probability = predict_probability(model, batch, record.spec)
-    sizes = [Image.open(p).size for p in paths]
-    folder.mkdir(parents=True, exist_ok=True)
-    version = model_version or record.version
-    with (folder / f"predictions-2026-01-01-{version}.jsonl").open("w") as handle:
-        for features, p in zip(image_features_batch(batch, sizes), probability, strict=True):
-            row = {"time": pd.Timestamp.now(tz="UTC").isoformat(), "model_version": version}
-            handle.write(json.dumps({**row, "probability_parasitized": float(p), **features}) + "\n")
+    names = [p.name for p in paths]
+    predictions = make_predictions(probability, record.spec, model_version or record.version, "drift-test", names)
+    log = PredictionLog(folder)
+    log.record(predictions, PreparedImages(batch, [Image.open(p).size for p in paths], names), latency_ms=5.0)
+    log.close()
+    assert log.dropped == 0
     return len(paths)
 
 

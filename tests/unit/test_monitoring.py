@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import pandas as pd
 
 from malaria.monitoring import FEATURE_COLUMNS, image_features_batch
 
@@ -84,3 +85,23 @@ def test_live_quality_is_accuracy_on_audit_reviews_per_day_and_version_beside_re
     assert quality.loc[("2026-11-30", "3"), "refer_agreement"] == 0.5
     assert window_accuracy(quality.reset_index(), "3") == (12 / 14, 14)
     assert window_accuracy(quality.reset_index(), None) == (12 / 16, 16)
+
+
+def test_prediction_drift_of_a_confident_model_is_a_distance_that_ties_at_0_and_1_do_not_fool(tmp_path):
+    from malaria.monitoring import DRIFT_FEATURES, drift_report
+
+    rng = np.random.default_rng(0)
+
+    def window(n: int, parasitized_share: float) -> pd.DataFrame:
+        frame = pd.DataFrame(rng.normal(0.4, 0.05, (n, len(DRIFT_FEATURES))), columns=DRIFT_FEATURES)
+        confident = rng.permutation(n) < round(n * parasitized_share)  # answers at 0 or 1 once rounded, as logged
+        frame["probability_parasitized"] = np.where(confident, 1.0, 0.0)
+        frame.loc[frame.index[:3], "probability_parasitized"] = [0.2, 0.5, 0.93]  # and a few in between
+        return frame
+
+    reference = window(200, 0.5)
+    reference["probability_parasitized"] = np.clip(reference["probability_parasitized"], 3e-9, 1 - 3e-9)  # unrounded
+    same = drift_report(reference, window(120, 0.5), tmp_path / "same")
+    assert not same.prediction_drift and same.prediction_score < 0.1, same.summary()
+    shifted = drift_report(reference, window(120, 0.95), tmp_path / "shifted")  # nearly every cell called infected
+    assert shifted.prediction_drift and shifted.drift_detected, shifted.summary()
