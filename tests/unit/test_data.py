@@ -1,6 +1,8 @@
 """Data: patient ids, validation of bad files, patient-grouped split, dataset location, report."""
 
+import hashlib
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -269,3 +271,74 @@ def test_dvc_pipeline_parses_and_each_stage_depends_on_the_code_it_runs():
         missing = {f for f in imports(module) if not covered(f, stages[stage]["deps"])}
         assert not missing, f"{stage} does not depend on {sorted(missing)}"
     assert "malaria/smear/crops.py" in imports("data")  # imports inside functions count
+
+
+@pytest.fixture
+def archive_server(tmp_path):
+    """A local HTTP server for the NIH archive: yields (what it serves: set ``["body"]``, its URL); 404 when empty."""
+    import http.server
+    import threading
+
+    served = {"body": b""}
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):  # noqa: N802 - http.server's name
+            if not served["body"]:
+                self.send_error(404)
+                return
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(served["body"])))
+            self.end_headers()
+            self.wfile.write(served["body"])
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield served, f"http://127.0.0.1:{server.server_port}/cell_images.zip"
+    server.shutdown()
+
+
+def nih_zip(tmp_path: Path, cells: int) -> bytes:
+    """A small archive in the NIH layout (``cell_images/Parasitized``, ``cell_images/Uninfected``)."""
+    import io
+    import zipfile
+
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w") as bundle:
+        for label in ("Parasitized", "Uninfected"):
+            for i in range(cells):
+                image = io.BytesIO()
+                Image.new("RGB", (40, 40), (200, 100 + i, 120)).save(image, "PNG")
+                bundle.writestr(f"cell_images/{label}/C{i}P1_cell_{i}.png", image.getvalue())
+    return buffer.getvalue()
+
+
+def test_the_nih_download_records_its_checksum_once_and_refuses_another_archive(
+    settings_factory, tmp_path, archive_server
+):
+    served, url = archive_server
+    settings = settings_factory(nih_archive_url=url)
+    served["body"] = nih_zip(tmp_path, 3)
+    folder = ensure_dataset(settings)
+    assert folder == settings.nih_data_dir() and len(list(folder.rglob("*.png"))) == 6
+    recorded = (folder.parent / "nih_archive.sha256").read_text().strip()
+    assert recorded == hashlib.sha256(served["body"]).hexdigest()  # trust on first use, written down
+
+    shutil.rmtree(folder)
+    served["body"] = nih_zip(tmp_path, 4)  # the server now answers another archive
+    with pytest.raises(DataError, match="checksum mismatch"):
+        ensure_dataset(settings)  # not a silent fallback to generated cells
+    assert not folder.exists()
+    pinned = settings_factory(nih_archive_url=url, nih_archive_sha256="0" * 64)
+    with pytest.raises(DataError, match="checksum mismatch"):
+        ensure_dataset(pinned)
+
+
+def test_a_release_without_the_archive_stops_instead_of_generating_cells(settings_factory, archive_server):
+    _, url = archive_server  # answers 404
+    release = settings_factory(nih_archive_url=url, allow_synthetic=False)
+    with pytest.raises(DataError, match="no real data"):
+        ensure_dataset(release)
+    assert not (release.workspace_data_dir / "synthetic_cell_images").exists()
