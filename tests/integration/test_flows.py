@@ -302,3 +302,25 @@ def test_malaria_drift_exit_codes_say_fine_drift_or_low_live_accuracy(
                                        model_label="Uninfected", probability_parasitized=0.1,
                                        model_version=champion[1].version, request_id=None)  # fmt: skip
     assert drift("same") == 4
+
+
+def test_the_flow_deployments_register_with_their_schedules(prefect_harness):
+    import asyncio
+
+    from prefect import get_client
+
+    from flows.deploy import deployments
+
+    built = deployments()
+    ids = [deployment.apply() for deployment in built]
+
+    async def read():
+        async with get_client() as client:
+            return [await client.read_deployment(i) for i in ids]
+
+    registered = {d.name: d for d in asyncio.run(read())}
+    assert set(registered) == {"drift-daily", "evaluate-weekly", "training-pipeline", "batch-predict", "smear-report"}
+    crons = {name: [s.schedule.cron for s in d.schedules] for name, d in registered.items()}
+    assert crons["drift-daily"] == ["0 6 * * *"] and crons["evaluate-weekly"] == ["0 7 * * 1"]
+    assert crons["training-pipeline"] == crons["batch-predict"] == crons["smear-report"] == []  # on demand
+    assert registered["drift-daily"].parameters == {"hours": 24}
