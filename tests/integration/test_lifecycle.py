@@ -1,6 +1,7 @@
 """The full chain on generated data: train -> MLflow (SQLite) -> champion gate -> BentoML store."""
 
 import json
+import re
 from pathlib import Path
 
 import bentoml
@@ -240,3 +241,26 @@ def test_a_version_scoring_exactly_the_champions_score_is_promoted(champion, new
     tie = {settings.gate_metric: record.metrics[settings.gate_metric]}
     assert promote_if_better(settings, newer.version, tie, False, record.tags[VALIDATION_SET_TAG])
     assert champion_version(settings) == str(newer.version)
+
+
+def test_an_outside_model_worse_than_the_champion_is_registered_but_not_promoted(champion, settings_env, tmp_path):
+    import keras
+    from typer.testing import CliRunner
+
+    from malaria.cli import app
+
+    settings = settings_env(champion[0])
+    record = champion[1]
+    inputs = keras.Input((32, 32, 3))
+    pooled = keras.layers.GlobalAveragePooling2D()(inputs)
+    keras.Model(inputs, keras.layers.Dense(1, activation="sigmoid")(pooled)).save(tmp_path / "outside.keras")
+    result = CliRunner().invoke(
+        app, ["register", "--model", str(tmp_path / "outside.keras"), "--labels", "Parasitized,Uninfected"]
+    )
+    assert result.exit_code == 0, result.output
+    assert "(champion)" not in result.output
+    registered = re.search(rf"registered {settings.registered_model_name} version (\d+)", result.output)
+    assert registered, result.output
+    outside = get_version(settings, registered[1])
+    assert outside.metrics[settings.gate_metric] < record.metrics[settings.gate_metric]  # scored on the same split
+    assert champion_version(settings) == record.version
