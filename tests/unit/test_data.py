@@ -249,28 +249,48 @@ def test_dvc_pipeline_parses_and_each_stage_depends_on_the_code_it_runs():
         assert all((REPO_ROOT / dep).exists() for dep in code), name
 
     def module_file(name: str) -> str:
-        path = REPO_ROOT / "malaria" / Path(*name.split("."))
+        """``malaria.x.y`` or ``flows.z`` -> its file, relative to the repo."""
+        path = REPO_ROOT / Path(*name.split("."))
         return str((path / "__init__.py" if path.is_dir() else path.with_suffix(".py")).relative_to(REPO_ROOT))
 
-    def imports(module: str) -> set[str]:
-        """The malaria module files ``module`` imports (at the top or inside functions), directly or through others."""
-        found, todo = set(), [module]
+    def imported(source: str) -> list[str]:
+        """The project modules a piece of code imports (at the top or inside functions)."""
+        names = re.findall(r"^\s*from ((?:malaria|flows)\.[\w.]+) import", source, re.M)
+        return names + [f"malaria.{n}" for n in re.findall(r"^\s*from malaria import (\w+)", source, re.M)]
+
+    def imports(start: list[str]) -> set[str]:
+        """The project files the modules ``start`` import, directly or through others."""
+        found, todo = set(), list(start)
         while todo:
             name = todo.pop()
             if module_file(name) not in found:
                 found.add(module_file(name))
-                source = (REPO_ROOT / module_file(name)).read_text()
-                todo += re.findall(r"^\s*from malaria\.([\w.]+) import", source, re.M)
-                todo += re.findall(r"^\s*from malaria import (\w+)", source, re.M)
+                todo += imported((REPO_ROOT / module_file(name)).read_text())
         return found
+
+    def command_modules(cmd: str) -> list[str]:
+        """What a stage's ``malaria ...`` command runs: the modules its Typer function imports (no hand-picking)."""
+        import inspect
+
+        from malaria.cli import app
+
+        words = cmd.split()[1:]
+        group = next((g for g in app.registered_groups if g.name == words[0]), None)
+        commands = group.typer_instance.registered_commands if group else app.registered_commands
+        name = words[1] if group else words[0]
+        command = next(c for c in commands if (c.name or c.callback.__name__.replace("_", "-")) == name)
+        return imported(inspect.getsource(command.callback))
 
     def covered(file: str, deps: list[str]) -> bool:
         return any(file == dep or file.startswith(dep.rstrip("/") + "/") for dep in deps)
 
-    for stage, module in (("prepare", "data"), ("train", "train"), ("evaluate", "evaluate"), ("register", "bento")):
-        missing = {f for f in imports(module) if not covered(f, stages[stage]["deps"])}
+    for stage in ("prepare", "train", "evaluate", "register"):
+        start = command_modules(stages[stage]["cmd"])
+        assert start, f"{stage}: no module found behind {stages[stage]['cmd']!r}"
+        missing = {f for f in imports(start) if not covered(f, stages[stage]["deps"])}
         assert not missing, f"{stage} does not depend on {sorted(missing)}"
-    assert "malaria/smear/crops.py" in imports("data")  # imports inside functions count
+    assert "malaria/smear/crops.py" in imports(["malaria.data"])  # imports inside functions count
+    assert "flows/evaluate.py" in imports(command_modules("malaria evaluate"))  # the command's own modules
 
 
 @pytest.fixture
