@@ -44,6 +44,16 @@ def test_labels_and_decisions_follow_threshold_and_band():
     assert spec.with_refer_band(None) is spec
 
 
+def test_an_answer_at_exactly_the_threshold_is_positive_everywhere():
+    """The one rule, at its boundary: ``answer`` (what /predict and the pyfunc return), ``labels`` and ``decision``."""
+    spec = ModelSpec(threshold=0.62, refer_band=(0.62, 0.62))  # an empty band: the threshold alone decides
+    at = spec.answer(0.62)
+    assert (at["label"], at["decision"], at["confidence"]) == (PARASITIZED, "parasitized", 0.62)
+    assert spec.labels(np.array([0.62, 0.619999])) == [PARASITIZED, UNINFECTED]
+    below = spec.answer(0.619999)
+    assert (below["label"], below["decision"], below["confidence"]) == (UNINFECTED, "uninfected", 0.380001)
+
+
 def test_a_refer_band_upside_down_is_refused_in_settings_and_spec(monkeypatch):
     from pydantic import ValidationError
 
