@@ -42,7 +42,7 @@ IR_FILES: dict[Precision, str] = {"fp32": "model.xml", "bf16": "model.xml", "int
 INFERENCE_HINT: dict[Precision, str] = {"fp32": "f32", "bf16": "bf16", "int8": "f32"}
 # What the CPU plugin must report in OPTIMIZATION_CAPABILITIES to run a precision natively.
 CPU_CAPABILITY: dict[Precision, str] = {"fp32": "FP32", "bf16": "BF16", "int8": "INT8"}
-CONVERSION_TOLERANCE = 1e-4  # max |P(OpenVINO fp32) - P(Keras)|: measured 2e-6 on the champion
+CONVERSION_TOLERANCE = 1e-4  # max |P(OpenVINO fp32) - P(Keras)|: 8.2e-5 on the NIH champion's 1,715 test cells
 # Largest drop against fp32 a reduced precision may cost, on the same test images.
 PRECISION_GATE = {"accuracy": 0.002, "roc_auc": 0.001, "smear_specificity": 0.001, "smear_sensitivity": 0.01}
 CALIBRATION_IMAGES = 300  # int8 calibration: training images, a seeded sample
