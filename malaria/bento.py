@@ -1,4 +1,4 @@
-"""BentoML model store: import the MLflow champion with its spec and lineage as metadata."""
+"""BentoML model store: import the champion with its spec, lineage and gated OpenVINO copy; load what is served."""
 
 from __future__ import annotations
 
