@@ -28,7 +28,16 @@ from malaria.serving.middleware import BearerAuthMiddleware, BodyLimitMiddleware
 from malaria.serving.page import UI_PATH, page_app
 from malaria.serving.prediction_log import PredictionLog
 from malaria.serving.reviews import ReviewStore
-from malaria.serving.schemas import BatchResult, Explanation, ModelInfo, Prediction, ReviewStored
+from malaria.serving.schemas import (
+    MAX_SLIDE_FIELDS,
+    BatchResult,
+    Explanation,
+    FieldCounts,
+    ModelInfo,
+    Prediction,
+    ReviewStored,
+    SlideSummary,
+)
 from malaria.serving.uploads import (
     ImageUpload,
     PayloadTooLarge,
@@ -52,6 +61,7 @@ from malaria.smear.analysis import (
 )
 from malaria.smear.detect import FieldTooLargeError
 from malaria.smear.render import annotated_png
+from malaria.smear.slides import summarise_slide
 from malaria.spec import ModelSpec
 
 logger = logging.getLogger(__name__)
@@ -401,6 +411,17 @@ class MalariaClassifier:
             return ReviewStored(id=review_id, label=label, source=source, crop_sha256=sha256)
 
         return await anyio.to_thread.run_sync(store, limiter=self._limiter("fields"))
+
+    @bentoml.api(route="/summarize_slide")
+    def summarize_slide(
+        self, fields: Annotated[list[FieldCounts], Field(min_length=1, max_length=MAX_SLIDE_FIELDS)]
+    ) -> SlideSummary:
+        """A slide from its fields as /analyze_smear counted them (JSON ``fields``: ``usable`` and ``counts``
+        each): the usable fields pooled, the parasitemia with its Wilson interval, flagged when counted on
+        fewer red cells than ``MALARIA_SMEAR_MIN_SLIDE_CELLS``. The lab page and ``malaria smear analyze``
+        share this rule."""
+        counted = [field.model_dump() for field in fields]
+        return SlideSummary(**summarise_slide(counted, settings.smear_min_slide_cells))
 
     @bentoml.api(route="/model_info")
     def model_info(self) -> ModelInfo:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, model_validator
 
 from malaria.spec import Decision
 
@@ -76,3 +76,44 @@ class ModelInfo(BaseModel):
     training_sources: list[str] = Field(description="nih, smear, synthetic (a demo model: not for real samples).")
     runtime: str = Field(description="Inference runtime serving the model: openvino or tensorflow.")
     precision: str = Field(description="Precision served: fp32, or bf16 / int8 where the import's gate passed them.")
+
+
+MAX_SLIDE_FIELDS = 1000  # fields in one /summarize_slide call (a slide is read in tens to hundreds)
+
+
+class SmearCountsIn(BaseModel):
+    """A field's counts, bounded (a 1280x960 field holds a few hundred cells)."""
+
+    cells: int = Field(ge=0, le=100_000)
+    parasitized: int = Field(ge=0, le=100_000)
+    uninfected: int = Field(ge=0, le=100_000)
+    refer: int = Field(ge=0, le=100_000)
+
+
+class FieldCounts(BaseModel):
+    """One field of a slide as /analyze_smear counted it (its ``usable`` and ``counts``; the rest is ignored)."""
+
+    usable: bool
+    counts: SmearCountsIn
+
+    @model_validator(mode="after")
+    def _consistent(self) -> FieldCounts:
+        c = self.counts
+        if c.parasitized + c.uninfected != c.cells or c.refer > c.cells:
+            raise ValueError("counts must satisfy parasitized + uninfected = cells and refer <= cells")
+        return self
+
+
+class SlideSummary(BaseModel):
+    """A slide: its usable fields' counts pooled, the parasitemia with its Wilson interval, and whether
+    enough red cells were counted (``MALARIA_SMEAR_MIN_SLIDE_CELLS``)."""
+
+    fields: int
+    usable_fields: int
+    cells: int
+    parasitized: int
+    refer: int
+    parasitemia_percent: float | None
+    parasitemia_ci95: tuple[float, float] | None
+    enough_cells: bool = Field(description="False: counted on fewer red cells than min_cells; read more fields.")
+    min_cells: int

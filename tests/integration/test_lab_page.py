@@ -94,6 +94,8 @@ def test_a_field_is_analysed_a_cell_explained_and_its_review_stored(server, brow
     assert len(boxes) == len(answer["cells"]) > 20
     assert int(browser.find_element(By.ID, "cell-count").text) == answer["counts"]["cells"]
     assert browser.find_element(By.ID, "parasitemia").text == f"{answer['parasitemia_percent']:.2f} %"
+    # The slide total comes from /summarize_slide: one field of a generated slide is far below 1,000 cells.
+    assert "fewer than the 1000 a slide needs" in browser.find_element(By.ID, "slide-warning").text
 
     counted = [i for i, c in enumerate(answer["cells"]) if not c["edge"]]
     browser.execute_script("arguments[0].click()", boxes[counted[0]])

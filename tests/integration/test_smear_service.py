@@ -191,6 +191,36 @@ def test_cli_analyzes_a_slide_and_writes_annotated_fields(server, tmp_path):
     assert all(Image.open(f["annotated"]).size == (640, 480) for f in fields)
 
 
+def test_a_slide_is_summarised_by_the_service_with_the_clis_rule(server):
+    from malaria.smear.analysis import wilson_percent
+    from malaria.smear.slides import summarise_slide
+
+    fields = [
+        {"usable": True, "counts": {"cells": 120, "parasitized": 3, "uninfected": 117, "refer": 2}},
+        {"usable": True, "counts": {"cells": 80, "parasitized": 1, "uninfected": 79, "refer": 0}},
+        {"usable": False, "counts": {"cells": 4, "parasitized": 4, "uninfected": 0, "refer": 0}},  # not counted
+    ]
+    answer = httpx.post(f"{server.url}/summarize_slide", json={"fields": fields}, timeout=30)
+    assert answer.status_code == 200, answer.text
+    body = answer.json()
+    expected = {k: v for k, v in summarise_slide(fields, 1000).items() if k != "rejected_files"}
+    assert body == {**expected, "parasitemia_ci95": list(expected["parasitemia_ci95"])}
+    assert (body["cells"], body["parasitized"], body["parasitemia_percent"]) == (200, 4, 2.0)
+    assert body["parasitemia_ci95"] == list(wilson_percent(4, 200)) and body["enough_cells"] is False
+
+    def refused(payload) -> str:
+        response = httpx.post(f"{server.url}/summarize_slide", json=payload, timeout=30)
+        assert response.status_code == 400, response.text
+        return response.text
+
+    wrong = [{"usable": True, "counts": {"cells": 10, "parasitized": 12, "uninfected": 0, "refer": 0}}]
+    assert "parasitized + uninfected = cells" in refused({"fields": wrong})
+    assert "at least 1" in refused({"fields": []})
+    assert "at most 1000" in refused({"fields": fields[:1] * 1001})
+    negative = [{"usable": True, "counts": {"cells": -1, "parasitized": 0, "uninfected": -1, "refer": 0}}]
+    assert "greater than or equal to 0" in refused({"fields": negative})
+
+
 def test_field_log_has_one_line_per_answered_field(server, field):
     import time
 

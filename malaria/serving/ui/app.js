@@ -12,7 +12,10 @@ function headers() {
 }
 
 async function post(route, form) {
-  const response = await fetch(route, { method: "POST", headers: headers(), body: form });
+  // A FormData is sent as multipart; anything else as JSON.
+  const json = !(form instanceof FormData);
+  const options = { method: "POST", headers: { ...headers(), ...(json ? { "Content-Type": "application/json" } : {}) } };
+  const response = await fetch(route, { ...options, body: json ? JSON.stringify(form) : form });
   if (!response.ok) {
     let message = `${response.status}`;
     try {
@@ -23,15 +26,6 @@ async function post(route, form) {
     throw new Error(message);
   }
   return response.json();
-}
-
-function wilson(positive, total, z = 1.959964) {
-  // Wilson score 95 % interval in percent: the same interval the service gives each field.
-  if (!total) return null;
-  const p = positive / total, d = 1 + (z * z) / total;
-  const centre = (p + (z * z) / (2 * total)) / d;
-  const half = (z * Math.sqrt((p * (1 - p)) / total + (z * z) / (4 * total * total))) / d;
-  return [100 * Math.max(0, centre - half), 100 * Math.min(1, centre + half)];
 }
 
 const pct = (value) => (value === null || value === undefined ? "-" : `${value.toFixed(2)} %`);
@@ -81,22 +75,23 @@ function drawField(field, index) {
   $("#fields").append(section);
 }
 
-function summariseSlide() {
-  const usable = state.fields.filter((f) => f.analysis.usable);
-  const cells = usable.reduce((s, f) => s + f.analysis.counts.cells, 0);
-  const parasitized = usable.reduce((s, f) => s + f.analysis.counts.parasitized, 0);
-  const refer = usable.reduce((s, f) => s + f.analysis.counts.refer, 0);
+async function summariseSlide() {
+  // The service pools the fields and gives the interval and the minimum-cells flag (the CLI's rule too).
+  const slide = await post("/summarize_slide", { fields: state.fields.map((f) => ({ usable: f.analysis.usable, counts: f.analysis.counts })) });
   $("#slide-summary").hidden = state.fields.length === 0;
   $("#slide-name").textContent = $("#slide-id").value || "(no id)";
-  $("#parasitemia").textContent = cells ? pct((100 * parasitized) / cells) : "-";
-  const ci = wilson(parasitized, cells);
+  $("#parasitemia").textContent = pct(slide.parasitemia_percent);
+  const ci = slide.parasitemia_ci95;
   $("#parasitemia-ci").textContent = ci ? `(95 % interval ${ci[0].toFixed(2)}-${ci[1].toFixed(2)} %)` : "";
-  $("#cell-count").textContent = String(cells);
-  $("#field-count").textContent = String(usable.length);
-  $("#refer-count").textContent = String(refer);
-  const skipped = state.fields.length - usable.length;
-  $("#slide-warning").hidden = skipped === 0;
-  $("#slide-warning").textContent = skipped ? `${skipped} field(s) could not be counted and are left out.` : "";
+  $("#cell-count").textContent = String(slide.cells);
+  $("#field-count").textContent = String(slide.usable_fields);
+  $("#refer-count").textContent = String(slide.refer);
+  const skipped = slide.fields - slide.usable_fields;
+  const warnings = [];
+  if (skipped) warnings.push(`${skipped} field(s) could not be counted and are left out.`);
+  if (!slide.enough_cells) warnings.push(`Counted on ${slide.cells} red cells, fewer than the ${slide.min_cells} a slide needs: read more fields.`);
+  $("#slide-warning").hidden = warnings.length === 0;
+  $("#slide-warning").textContent = warnings.join(" ");
   const body = $("#field-table tbody");
   body.replaceChildren(...state.fields.map((f) => {
     const a = f.analysis, row = document.createElement("tr");
@@ -119,7 +114,7 @@ async function analyzeFields(files) {
       analysis.cells.forEach((cell, cellIndex) => {  // referred cells, and the server's random audit sample
         if (cell.review) enqueue({ kind: "field", field: state.fields.length - 1, cell: cellIndex }, cell.review);
       });
-      summariseSlide();
+      await summariseSlide();
     } catch (error) {
       status(`${file.name}: ${error.message}`, true);
       return;
