@@ -250,15 +250,43 @@ def test_batch_predict_retries_server_errors_and_lost_connections_but_not_reject
     assert len(calls) == attempts
 
 
+def alert_receiver() -> tuple[list[dict], str]:
+    """A local HTTP server that keeps the JSON bodies posted to it: (the bodies, its URL)."""
+    import http.server
+    import threading
+
+    received: list[dict] = []
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_POST(self):  # noqa: N802 - http.server's name
+            received.append(json.loads(self.rfile.read(int(self.headers["Content-Length"]))))
+            self.send_response(200)
+            self.end_headers()
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    return received, f"http://127.0.0.1:{server.server_port}/alert"
+
+
 def test_the_drift_flow_reports_live_accuracy_on_reviewed_cells_and_alerts_below_the_setting(
     champion, settings_env, fresh_cells, tmp_path, monkeypatch
 ):
+    from prefect.blocks.notifications import CustomWebhookNotificationBlock
+
     from flows.drift import drift_flow
     from malaria.serving.reviews import ReviewStore
 
     url = f"sqlite:///{tmp_path / 'reviews.db'}"
     monkeypatch.setenv("MALARIA_REVIEW_DB_URL", url)
     monkeypatch.setenv("MALARIA_LIVE_MIN_REVIEWS", "10")
+    received, webhook = alert_receiver()  # a real Prefect notification block, posting to a local server
+    CustomWebhookNotificationBlock(
+        name="lab-alerts", url=webhook, json_data={"text": "{{subject}}: {{body}}"}, allow_private_urls=True
+    ).save("lab-alerts", overwrite=True)
+    monkeypatch.setenv("MALARIA_ALERT_BLOCK", "custom-webhook/lab-alerts")
     settings = settings_env(champion[0])
     store = ReviewStore(url, keep_days=30)
     for i in range(12):  # 8 of 12 audit cells right: 0.667, below the default 0.9
@@ -274,6 +302,7 @@ def test_the_drift_flow_reports_live_accuracy_on_reviewed_cells_and_alerts_below
     assert "live accuracy 0.667 on 12 reviewed audit cells" in result.summary()
     quality = pd.read_csv(tmp_path / "reports" / "live_quality.csv")
     assert quality["audit_reviews"].sum() == 12
+    assert received == [{"text": f"malaria-bento monitoring: {result.alerts[0]}"}]  # the lab was told
 
 
 def test_malaria_drift_exit_codes_say_fine_drift_or_low_live_accuracy(
