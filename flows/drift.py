@@ -62,6 +62,15 @@ def notify(alerts: list[str], block: str | None) -> None:
         Block.load(block).notify("\n".join(alerts), subject="malaria-bento monitoring")
 
 
+def start_retraining(deployment: str) -> str:
+    """Schedule a run of the training deployment (it runs where the deployments are served); its id."""
+    from prefect.deployments import run_deployment
+
+    run = run_deployment(deployment, timeout=0, tags=["alert"])  # timeout 0: do not wait for it
+    get_run_logger().warning("alert: started %s (flow run %s); the champion gate decides", deployment, run.id)
+    return str(run.id)
+
+
 @flow(name="drift", log_prints=True)
 def drift_flow(
     hours: float | None = 24.0,
@@ -91,6 +100,8 @@ def drift_flow(
     if result.drift_detected:
         result.alerts.append(result.summary())
     notify(result.alerts, settings.alert_block)
+    if result.alerts and settings.retrain_deployment:
+        result.retraining = start_retraining(settings.retrain_deployment)
     table = quality.to_markdown(index=False) if quality is not None and len(quality) else "no reviewed cells"
     create_markdown_artifact(
         key="drift-summary",

@@ -191,6 +191,11 @@ class Settings(BaseSettings):
     smear_dir: Path | None = Field(
         default=None, description="Annotated smear fields (images/ and annotations.json, IML format); unset = none."
     )
+    feedback_dir: Path | None = Field(
+        default=None,
+        description="Reviewed crops from `malaria feedback export` (NIH layout + manifest.csv): a training source, "
+        "split by review day; unset = none.",
+    )
     smear_cell_diameter_px: float = Field(
         json_schema_extra={"dvc": "prepare"},
         default=80.0,
@@ -241,7 +246,7 @@ class Settings(BaseSettings):
         default=None, description="Override the model's uncertainty band (low, high) for 'refer'."
     )
 
-    @field_validator("data_dir", "smear_dir", mode="before")
+    @field_validator("data_dir", "smear_dir", "feedback_dir", mode="before")
     @classmethod
     def _empty_is_unset(cls, value):
         return None if value == "" else value
@@ -324,6 +329,11 @@ class Settings(BaseSettings):
     )
     live_min_reviews: int = Field(
         default=30, ge=1, description="Fewer reviewed audit cells in the window: no verdict on the live accuracy."
+    )
+    retrain_deployment: str | None = Field(
+        default=None,
+        description="On an alert, the drift flow starts this Prefect deployment (e.g. training-pipeline/"
+        "training-pipeline, served by `malaria deploy-flows`); the champion gate still decides. Unset: alert only.",
     )
     alert_block: str | None = Field(
         default=None,

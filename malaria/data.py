@@ -35,6 +35,8 @@ class DataError(RuntimeError):
 
 
 NIH, SMEAR, SYNTHETIC = "nih", "smear", "synthetic"  # data sources (a generated cell folder is synthetic)
+FEEDBACK = "feedback"  # cells people labelled in the review queue (`malaria feedback export`)
+MIN_FEEDBACK_DAYS = 3  # review days needed to hold some out for validation and test
 SYNTHETIC_MARKER = "SYNTHETIC.txt"
 
 
@@ -193,12 +195,47 @@ def read_manifest(path: Path) -> pd.DataFrame:
 
 def source_roots(settings: Settings, allow_download: bool = True) -> dict[str, Path]:
     """The folder each source's manifest paths are relative to."""
-    return {NIH: ensure_dataset(settings, allow_download), SMEAR: settings.smear_crops_dir}
+    roots = {NIH: ensure_dataset(settings, allow_download), SMEAR: settings.smear_crops_dir}
+    if settings.feedback_dir is not None:
+        roots[FEEDBACK] = settings.feedback_dir
+    return roots
 
 
 def image_paths(frame: pd.DataFrame, roots: dict[str, Path]) -> list[Path]:
     """Manifest rows -> image files (an absolute path in an old manifest stays as it is)."""
+    if missing := set(frame["source"]) - set(roots):
+        raise DataError(f"the manifest has {sorted(missing)} images but no folder for them (MALARIA_FEEDBACK_DIR?)")
     return [roots[source] / path for source, path in zip(frame["source"], frame["path"], strict=True)]
+
+
+def feedback_source(folder: Path, seed: int, val_fraction: float, test_fraction: float) -> pd.DataFrame:
+    """Reviewed crops (``malaria feedback export``) as manifest rows, split by review day.
+
+    A day's reviews (a field's cells, one reviewer's session) stay in one part, like a patient; with
+    fewer than ``MIN_FEEDBACK_DAYS`` days nothing can be held out honestly, so all of them train.
+    """
+    exported = pd.read_csv(folder / "manifest.csv")
+    sizes = [Image.open(folder / path).size for path in exported["path"]]
+    frame = pd.DataFrame(
+        {
+            "path": exported["path"],
+            "label": exported["label"],
+            "patient": "review-" + exported["reviewed_at"].str[:10],
+            "width": [w for w, _ in sizes],
+            "height": [h for _, h in sizes],
+            "source": FEEDBACK,
+        }
+    )
+    if frame["patient"].nunique() < MIN_FEEDBACK_DAYS or frame["label"].nunique() < 2:
+        logger.warning(
+            "feedback: %d reviewed cells over %d day(s): all used for training (no held-out feedback metrics "
+            "before %d days of reviews)",
+            len(frame),
+            frame["patient"].nunique(),
+            MIN_FEEDBACK_DAYS,
+        )
+        return frame.assign(split="train")
+    return split_by_patient(frame, seed, val_fraction, test_fraction)
 
 
 def load_arrays(paths: Iterable[str | Path], spec: ModelSpec, desc: str = "loading") -> np.ndarray:
@@ -336,7 +373,8 @@ def prepare(settings: Settings) -> tuple[pd.DataFrame, ValidationReport]:
     """Locate, validate and split the data; write ``data/splits.csv`` and the validation report.
 
     With ``smear_dir`` set, crops cut from the annotated smear fields join as a second source, split
-    by capture block (``malaria.smear.crops``).
+    by capture block (``malaria.smear.crops``); with ``feedback_dir``, the review queue's exported
+    labels, split by review day.
     """
     root = ensure_dataset(settings)
     frame, report = scan_dataset(root, settings)
@@ -352,6 +390,9 @@ def prepare(settings: Settings) -> tuple[pd.DataFrame, ValidationReport]:
             settings.smear_uninfected_per_field,
         )
         frame = pd.concat([frame, smear[frame.columns]], ignore_index=True)
+    if settings.feedback_dir is not None:
+        feedback = feedback_source(settings.feedback_dir, settings.seed, settings.val_fraction, settings.test_fraction)
+        frame = pd.concat([frame, feedback[frame.columns]], ignore_index=True)
     write_manifest(frame, settings.splits_path)
     (settings.workspace_data_dir / "validation_report.json").write_text(
         json.dumps({"source": str(root), **report.to_dict()}, indent=2)

@@ -90,6 +90,7 @@ class DriftResult:
     live_accuracy: float | None = None  # on reviewed audit cells of the window (the drift flow fills it)
     live_reviews: int = 0
     alerts: list[str] = field(default_factory=list)
+    retraining: str | None = None  # the training flow run an alert started (MALARIA_RETRAIN_DEPLOYMENT)
 
     def summary(self) -> str:
         verdict = "DRIFT DETECTED" if self.drift_detected else "no drift"

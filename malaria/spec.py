@@ -57,7 +57,8 @@ class ModelSpec(BaseModel):
     )
     training_sources: list[str] = Field(
         default_factory=list,
-        description="Data the model was trained on: nih, smear, synthetic (a generated demo set); empty: not recorded.",
+        description="Data the model was trained on: nih, smear, feedback, synthetic (a generated demo set); "
+        "empty: not recorded.",
     )
 
     @property

@@ -274,8 +274,11 @@ def alert_receiver() -> tuple[list[dict], str]:
 def test_the_drift_flow_reports_live_accuracy_on_reviewed_cells_and_alerts_below_the_setting(
     champion, settings_env, fresh_cells, tmp_path, monkeypatch
 ):
+    import asyncio
+
     from prefect.blocks.notifications import CustomWebhookNotificationBlock
 
+    from flows.deploy import deployments
     from flows.drift import drift_flow
     from malaria.serving.reviews import ReviewStore
 
@@ -287,6 +290,9 @@ def test_the_drift_flow_reports_live_accuracy_on_reviewed_cells_and_alerts_below
         name="lab-alerts", url=webhook, json_data={"text": "{{subject}}: {{body}}"}, allow_private_urls=True
     ).save("lab-alerts", overwrite=True)
     monkeypatch.setenv("MALARIA_ALERT_BLOCK", "custom-webhook/lab-alerts")
+    training = next(d for d in deployments() if d.name == "training-pipeline")
+    training_id = training.apply()  # registered, as `malaria deploy-flows` serves it (no worker runs it here)
+    monkeypatch.setenv("MALARIA_RETRAIN_DEPLOYMENT", "training-pipeline/training-pipeline")
     settings = settings_env(champion[0])
     store = ReviewStore(url, keep_days=30)
     for i in range(12):  # 8 of 12 audit cells right: 0.667, below the default 0.9
@@ -303,6 +309,15 @@ def test_the_drift_flow_reports_live_accuracy_on_reviewed_cells_and_alerts_below
     quality = pd.read_csv(tmp_path / "reports" / "live_quality.csv")
     assert quality["audit_reviews"].sum() == 12
     assert received == [{"text": f"malaria-bento monitoring: {result.alerts[0]}"}]  # the lab was told
+
+    async def scheduled():  # and the training pipeline was asked to run
+        from prefect import get_client
+
+        async with get_client() as client:
+            return await client.read_flow_run(result.retraining)
+
+    run = asyncio.run(scheduled())
+    assert run.deployment_id == training_id and "alert" in run.tags
 
 
 def test_malaria_drift_exit_codes_say_fine_drift_or_low_live_accuracy(

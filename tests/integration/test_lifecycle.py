@@ -264,3 +264,24 @@ def test_an_outside_model_worse_than_the_champion_is_registered_but_not_promoted
     outside = get_version(settings, registered[1])
     assert outside.metrics[settings.gate_metric] < record.metrics[settings.gate_metric]  # scored on the same split
     assert champion_version(settings) == record.version
+
+
+def test_reviewed_cells_exported_from_the_queue_train_as_a_source_of_their_own(synthetic_dir, tmp_path):
+    """The loop closed: review queue -> `malaria feedback export` -> `malaria train` with MALARIA_FEEDBACK_DIR."""
+    from malaria.train import train
+    from tests.conftest import make_settings
+    from tests.unit.test_reviews import exported_feedback
+
+    cells = [(p.read_bytes(), label) for label in ("Parasitized", "Uninfected")
+             for p in sorted((synthetic_dir / label).glob("*.png"))[-30:]]  # fmt: skip
+    folder = exported_feedback(tmp_path, cells)
+    settings = make_settings(
+        tmp_path / "run", data_dir=synthetic_dir, feedback_dir=folder, epochs=2, registered_model_name="with-feedback"
+    )
+    record = train(settings)
+    manifest = read_manifest(settings.splits_path)
+    feedback = manifest[manifest["source"] == "feedback"]
+    assert len(feedback) == 60 and set(feedback["split"]) == {"train"}  # one day of reviews: all train
+    assert record.spec.training_sources == ["feedback", "synthetic"]
+    run = mlflow.MlflowClient(settings.mlflow_tracking_uri).get_run(record.run_id)
+    assert run.data.params["sources"] == "feedback,synthetic"

@@ -96,3 +96,40 @@ def test_reading_reviews_migrates_nothing_and_deletes_nothing(tmp_path):
     with sa.create_engine(url).begin() as connection:  # a review from a year ago: past any retention
         connection.execute(sa.text("update reviews set created_at = '2025-01-01 00:00:00'"))
     assert len(read_reviews(url)) == 1 and len(read_reviews(url)) == 1
+
+
+def exported_feedback(tmp_path, cells: list[tuple[bytes, str]]):
+    """The review queue's labels for ``cells`` (png, label), exported as `malaria feedback export` writes them."""
+    store = ReviewStore(f"sqlite:///{tmp_path / 'reviews.db'}", keep_days=30)
+    for png, label in cells:
+        store.add(png, label=label, reviewer="ana", reason="audit", source="field", model_label=None,
+                  probability_parasitized=None, model_version="3", request_id=None)  # fmt: skip
+    store.export(tmp_path / "feedback")
+    return tmp_path / "feedback"
+
+
+def test_exported_feedback_joins_the_data_split_by_review_day(tmp_path):
+    import io
+
+    import pandas as pd
+    from PIL import Image
+
+    from malaria.data import FEEDBACK, feedback_source, labels_of
+
+    def png(i: int) -> bytes:
+        buffer = io.BytesIO()
+        Image.new("RGB", (20, 20), (i % 250, i // 250, 0)).save(buffer, format="PNG")
+        return buffer.getvalue()
+
+    folder = exported_feedback(tmp_path, [(png(i), "Parasitized" if i % 3 == 0 else "Uninfected") for i in range(120)])
+    one_day = feedback_source(folder, seed=1, val_fraction=0.15, test_fraction=0.15)
+    assert len(one_day) == 120 and set(one_day["split"]) == {"train"}  # one day of reviews: nothing held out
+    assert set(one_day["source"]) == {FEEDBACK} and (one_day[["width", "height"]] == 20).all().all()
+
+    manifest = pd.read_csv(folder / "manifest.csv")  # the same reviews spread over 12 days
+    days = pd.Timestamp("2026-11-01", tz="UTC") + pd.to_timedelta(manifest.index % 12, unit="D")
+    manifest.assign(reviewed_at=days.strftime("%Y-%m-%dT%H:%M:%S+00:00")).to_csv(folder / "manifest.csv", index=False)
+    split = feedback_source(folder, seed=1, val_fraction=0.15, test_fraction=0.15)
+    assert set(split["split"]) == {"train", "val", "test"}
+    assert split.groupby("patient")["split"].nunique().max() == 1  # a day's reviews stay in one part
+    assert all(labels_of(part).min() == 0 and labels_of(part).max() == 1 for _, part in split.groupby("split"))
