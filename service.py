@@ -62,7 +62,7 @@ from malaria.smear.analysis import (
 from malaria.smear.detect import FieldTooLargeError
 from malaria.smear.render import annotated_png
 from malaria.smear.slides import summarise_slide
-from malaria.spec import ModelSpec
+from malaria.spec import ModelSpec, review_flag
 
 logger = logging.getLogger(__name__)
 settings = get_settings()
@@ -194,6 +194,7 @@ class MalariaClassifier:
         probability = self.spec.probability_positive(outputs)
         predictions = make_predictions(probability, self.spec, self.version, request_id, prepared.names)
         for prediction in predictions:
+            prediction.review = review_flag(prediction.decision, settings.review_audit_share, self.audit_rng)
             predictions_total.labels(label=prediction.label, decision=prediction.decision).inc()
             probability_histogram.observe(prediction.probability_parasitized)
         self.prediction_log.record(predictions, prepared, monotonic_ms(started))

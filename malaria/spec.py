@@ -21,6 +21,14 @@ DECISIONS: tuple[Decision, ...] = get_args(Decision)
 PROBABILITY_DECIMALS = 6  # answers (and so the prediction log) carry probabilities to 6 decimals
 
 
+def review_flag(decision: str, audit_share: float, rng) -> Literal["refer", "audit"] | None:
+    """Which answers the review queue gets: every referred one, and a random ``audit_share`` of the others
+    (the unbiased sample the live accuracy is measured on)."""
+    if decision == "refer":
+        return "refer"
+    return "audit" if rng.random() < audit_share else None
+
+
 def check_refer_band(band: tuple[float, float]) -> tuple[float, float]:
     """A refer band must satisfy 0 <= low <= high <= 1 (low == high: nothing is referred)."""
     low, high = band

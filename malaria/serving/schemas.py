@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Literal
+
 from pydantic import BaseModel, Field, model_validator
 
 from malaria.spec import Decision
@@ -17,6 +19,11 @@ class Prediction(BaseModel):
     model_version: str
     request_id: str
     filename: str | None = None
+    review: Literal["refer", "audit"] | None = Field(
+        default=None,
+        description="refer: a person should label it; audit: a random share of the other answers "
+        "(MALARIA_REVIEW_AUDIT_SHARE), so that the live accuracy is measured without bias; null: neither.",
+    )
 
 
 class BatchSummary(BaseModel):

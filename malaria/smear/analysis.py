@@ -12,7 +12,7 @@ from scipy.stats import binomtest
 
 from malaria.preprocess import to_model_input
 from malaria.smear.detect import FieldDetection, Kind, cell_crop, detect_cells
-from malaria.spec import Decision, ModelSpec
+from malaria.spec import Decision, ModelSpec, review_flag
 
 RBC_DIAMETER_UM = 7.5  # a normal red cell; turns a pixel size into the expected diameter in pixels
 
@@ -112,12 +112,8 @@ def prepare_field(
 def flag_for_review(analysis: SmearAnalysis, audit_share: float, rng: np.random.Generator) -> None:
     """Mark the counted cells the review queue gets: every referred one, and ``audit_share`` of the others."""
     for cell in analysis.cells:
-        if cell.edge:
-            continue
-        if cell.decision == "refer":
-            cell.review = "refer"
-        elif rng.random() < audit_share:
-            cell.review = "audit"
+        if not cell.edge:
+            cell.review = review_flag(cell.decision, audit_share, rng)
 
 
 class CellNotFoundError(ValueError):

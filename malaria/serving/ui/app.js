@@ -147,7 +147,7 @@ async function classifyCrops(files) {
       button.type = "button"; button.textContent = "why?";
       button.addEventListener("click", () => openCell({ kind: "crop", crop: index }, row));
       td.append(button); row.append(td); body.append(row);
-      if (answer.decision === "refer") enqueue({ kind: "crop", crop: index }, "refer");
+      if (answer.review) enqueue({ kind: "crop", crop: index }, answer.review);  // referred, or the audit sample
     });
   }
   status(`${files.length} crop(s) classified`);
