@@ -46,7 +46,12 @@ def summarise_predictions(results: list[dict]) -> dict:
 
 
 def write_outputs(results: list[dict], out_dir: Path) -> dict:
-    """``predictions.csv``, ``predictions.json`` and ``summary.json`` of one batch; returns the summary."""
+    """``predictions.csv``, ``predictions.json`` and ``summary.json`` of one batch; returns the summary.
+
+    The service's ``review`` flag (which answers the lab page's review queue takes) is left out: both
+    engines write the same columns.
+    """
+    results = [{k: v for k, v in row.items() if k != "review"} for row in results]
     out_dir.mkdir(parents=True, exist_ok=True)
     pd.DataFrame(results).to_csv(out_dir / "predictions.csv", index=False)
     (out_dir / "predictions.json").write_text(json.dumps(results, indent=2))
