@@ -28,6 +28,7 @@ from typing import Literal
 
 import numpy as np
 
+from malaria.model import batched_probability
 from malaria.spec import ModelSpec
 
 logger = logging.getLogger(__name__)
@@ -117,12 +118,6 @@ def openvino_predict(ir: Path, precision: Precision, threads: int) -> Callable[[
     return predict
 
 
-def probabilities(predict_fn, images: np.ndarray, spec: ModelSpec, batch_size: int = 256) -> np.ndarray:
-    """Calibrated P(positive) of many images, batch by batch."""
-    outputs = [predict_fn(images[i : i + batch_size]) for i in range(0, len(images), batch_size)]
-    return spec.probability_positive(np.concatenate(outputs))
-
-
 def figures(reference: Reference, probability: np.ndarray, spec: ModelSpec) -> dict[str, float]:
     """What the precision gate compares: accuracy and ROC-AUC on all images, and smear cells by the field rule."""
     from malaria.evaluation import classification_metrics
@@ -173,7 +168,7 @@ def convert_and_gate(
     import openvino as ov
 
     ir = export_openvino(keras_model, out_dir)
-    keras_p = probabilities(keras_predict, reference.images, spec)
+    keras_p = batched_probability(keras_predict, reference.images, spec)
     if reference.expected is not None:  # the saved batch: Keras here must still answer as at training time
         saved_drift = float(np.abs(keras_p - spec.probability_positive(reference.expected)).max())
         if saved_drift > CONVERSION_TOLERANCE:
@@ -181,7 +176,7 @@ def convert_and_gate(
                 f"the Keras model answers the reference batch {saved_drift:.2e} away from its saved outputs"
             )
     fp32_predict = openvino_predict(ir, "fp32", threads)
-    fp32_p = probabilities(fp32_predict, reference.images, spec)
+    fp32_p = batched_probability(fp32_predict, reference.images, spec)
     difference = float(np.abs(fp32_p - keras_p).max())
     if not difference <= CONVERSION_TOLERANCE:  # also refuses NaN
         raise ConversionError(
@@ -213,7 +208,7 @@ def convert_and_gate(
                 record["precisions"][precision] = {"passed": False, "failed": [f"this CPU has no {precision}"]}
                 continue
             predict = openvino_predict(out_dir / IR_FILES[precision], precision, threads)
-            measured = figures(reference, probabilities(predict, reference.images, spec), spec)
+            measured = figures(reference, batched_probability(predict, reference.images, spec), spec)
             failures = precision_failures(baseline, measured)
             entry = {"passed": not failures, **measured}
             if failures:
