@@ -23,6 +23,7 @@ from pydantic import BeforeValidator, Field
 from malaria.config import get_settings
 from malaria.explain import grid, occlusion_batch, occlusion_map
 from malaria.preprocess import to_model_input
+from malaria.serving import compat
 from malaria.serving.batching import BatchedModel, monotonic_ms
 from malaria.serving.middleware import BearerAuthMiddleware, BodyLimitMiddleware, ConnectionRecycleMiddleware
 from malaria.serving.page import UI_PATH, page_app
@@ -43,6 +44,7 @@ from malaria.serving.uploads import (
     PayloadTooLarge,
     decode_cell,
     decode_field,
+    decodes_quickly,
     harden_multipart_parsing,
     make_predictions,
     new_request_id,
@@ -67,6 +69,7 @@ from malaria.spec import ModelSpec, review_flag
 logger = logging.getLogger(__name__)
 settings = get_settings()
 harden_multipart_parsing()
+compat.cache_response_media_types()
 MODEL = bentoml.models.BentoModel(f"{settings.bento_model_name}:latest")
 # A field's expected red-cell size, per request: 8 to 1000 px, directly or as 7.5 um over the pixel size.
 CellDiameter = Annotated[float, Field(ge=8, le=1000)] | None
@@ -187,9 +190,12 @@ class MalariaClassifier:
     async def _run(self, images: list[ImageUpload], ctx: bentoml.Context) -> list[Prediction]:
         started = time.perf_counter()
         request_id = self._start_answer(ctx)
-        prepared = await anyio.to_thread.run_sync(
-            prepare_uploads, images, self.spec, settings, limiter=self._limiter("cells")
-        )
+        if decodes_quickly(images):
+            prepared = prepare_uploads(images, self.spec, settings)
+        else:
+            prepared = await anyio.to_thread.run_sync(
+                prepare_uploads, images, self.spec, settings, limiter=self._limiter("cells")
+            )
         outputs = await self.model(prepared.batch)
         probability = self.spec.probability_positive(outputs)
         predictions = make_predictions(probability, self.spec, self.version, request_id, prepared.names)

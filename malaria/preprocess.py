@@ -89,7 +89,7 @@ def resize(image: Image.Image, size: int) -> Image.Image:
 
 def to_model_input(image: Image.Image, spec: ModelSpec) -> np.ndarray:
     """A decoded RGB image -> float32 array (size, size, 3) scaled as the model expects."""
-    return np.asarray(resize(image, spec.image_size), dtype=np.float32) * np.float32(spec.scale)
+    return np.multiply(np.asarray(resize(image, spec.image_size)), np.float32(spec.scale), dtype=np.float32)
 
 
 def preprocess(source: ImageSource, spec: ModelSpec, max_pixels: int | None = 25_000_000) -> np.ndarray:

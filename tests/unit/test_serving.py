@@ -17,10 +17,10 @@ from pydantic import TypeAdapter, ValidationError
 from starlette.datastructures import UploadFile
 
 from malaria.serving.batching import BatchedModel
-from malaria.serving.compat import io_descriptor
+from malaria.serving.compat import cache_response_media_types, io_descriptor
 from malaria.serving.prediction_log import PredictionLog
 from malaria.serving.schemas import Prediction
-from malaria.serving.uploads import ImageUpload, PreparedImages
+from malaria.serving.uploads import INLINE_DECODE_BYTES, ImageUpload, PreparedImages, decodes_quickly
 
 
 class FakeModel:
@@ -140,6 +140,60 @@ def test_bentoml_treats_an_upload_field_as_a_multipart_file():
     assert schema["extra"]["items"]["type"] == "file"
 
 
+def png(width: int, height: int) -> bytes:
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    Image.new("RGB", (width, height)).save(buffer, "PNG")
+    return buffer.getvalue()
+
+
+def test_only_one_small_image_is_decoded_where_the_request_is_handled():
+    crop, bomb = png(128, 128), png(4000, 4000)
+    assert len(bomb) < INLINE_DECODE_BYTES, "a small file that inflates to 16 MP"
+    assert decodes_quickly([ImageUpload.validate(crop)])
+    assert not decodes_quickly([ImageUpload.validate(crop)] * 2), "several images go to a thread"
+    assert not decodes_quickly([ImageUpload.validate(bomb)]), "the header's pixels decide, not the bytes"
+    assert not decodes_quickly([ImageUpload.validate(b"not an image")])
+    assert not decodes_quickly([ImageUpload.validate(crop + bytes(INLINE_DECODE_BYTES))])
+    upload = ImageUpload.validate(crop)
+    decodes_quickly([upload])
+    assert upload.read() == crop, "peeking at the header leaves the upload whole"
+
+
+def test_a_list_answers_media_type_is_derived_once(monkeypatch):
+    cache_response_media_types()
+
+    def classify(self, image: ImageUpload) -> list[Prediction]:
+        return []
+
+    output = io_descriptor().from_output(classify)
+    derived = []
+    schema = output.model_json_schema
+    monkeypatch.setattr(output, "model_json_schema", lambda *a, **k: derived.append(1) or schema(*a, **k))
+    assert [output.mime_type() for _ in range(3)] == ["application/json"] * 3
+    assert len(derived) == 1
+
+
+def test_prediction_log_writes_a_burst_in_one_go_and_a_lone_line_at_once(tmp_path):
+    log = PredictionLog(tmp_path)
+    prepared = PreparedImages(np.full((1, 8, 8, 3), 0.5, np.float32), [(8, 8)], [None])
+    answer = {"label": "Uninfected", "probability_parasitized": 0.1, "confidence": 0.9, "decision": "uninfected"}
+
+    def lines() -> list[str]:
+        return [line for path in tmp_path.glob("*.jsonl") for line in path.read_text().splitlines()]
+
+    log.record([Prediction(**answer, model_version="1", request_id="lone")], prepared, 1.0)
+    deadline = time.monotonic() + 5
+    while not lines() and time.monotonic() < deadline:
+        time.sleep(0.005)
+    assert len(lines()) == 1, "a lone request's line is written without waiting for close()"
+    for i in range(500):
+        log.record([Prediction(**answer, model_version="1", request_id=f"burst-{i}")], prepared, 1.0)
+    log.close()
+    assert len(lines()) == 501 and log.dropped == 0
+
+
 def test_prediction_log_survives_a_failed_write_and_counts_what_it_dropped(tmp_path):
     folder = tmp_path / "log"
     reported: list[int] = []
@@ -240,7 +294,8 @@ def test_prediction_log_memory_is_bounded_and_overflow_is_counted(tmp_path, monk
     assert written + log.dropped == 20  # every line is either written or counted
 
 
-def test_prediction_log_rotates_by_size_and_deletes_old_days(tmp_path):
+def test_prediction_log_rotates_by_size_and_deletes_old_days(tmp_path, monkeypatch):
+    monkeypatch.setattr("malaria.serving.prediction_log.WRITE_INTERVAL_S", 0)  # a write per line: a part per 200 B
     old = tmp_path / "predictions-2020-01-01-1.jsonl"
     old.write_text("{}\n")
     keep = tmp_path / "smear-fields-2020-01-01-1.jsonl"  # another log's files are not this log's to delete
