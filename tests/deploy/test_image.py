@@ -1,12 +1,14 @@
-"""The image recipe: the Bento installs only requirements/serving.txt (no TensorFlow); the service imports with it.
+"""The image recipe: the Bento installs requirements/serving.lock (no TensorFlow); the service imports with it.
 
 Building and running the image itself is `make image image-smoke` (run by `.ci/run`).
 """
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
+import tomllib
 from pathlib import Path
 
 import pytest
@@ -54,10 +56,51 @@ def test_serving_requirements_exclude_training_only_packages():
     assert not names & {"pandas", "scikit-learn", "mlflow", "prefect", "evidently", "tensorflow-cpu", "keras"}
 
 
+def pins(path: Path) -> dict[str, str]:
+    """name -> version of every ``name==version`` line (names normalised as pip does)."""
+    found = {}
+    for line in path.read_text().splitlines():
+        line = line.split("#")[0].strip()
+        if "==" in line:
+            name, version = line.split("==")
+            found[re.sub(r"[-_.]+", "-", name.split("[")[0]).lower()] = version.strip()
+    return found
+
+
+@pytest.mark.parametrize(
+    ("lock", "sources"),
+    [
+        ("serving.lock", ["serving.txt"]),
+        ("flows.lock", ["serving.txt", "tensorflow.txt", "train.txt"]),
+        ("dev.lock", ["serving.txt", "tensorflow.txt", "train.txt"]),
+    ],
+)
+def test_each_lock_keeps_its_sources_pins_and_pins_everything(lock, sources):
+    locked = pins(ROOT / "requirements" / lock)
+    for source in sources:
+        for name, version in pins(ROOT / "requirements" / source).items():
+            assert locked.get(name) == version, f"{lock}: {name} {locked.get(name)}, {source} {version}: make lock"
+    lines = [line for line in (ROOT / "requirements" / lock).read_text().splitlines() if line[:1].isalnum()]
+    assert lines and all("==" in line for line in lines), f"{lock}: every package pinned"
+
+
+def test_the_locks_agree_where_they_overlap_and_the_service_lock_has_no_training_package():
+    dev, flows, serving = (pins(ROOT / "requirements" / name) for name in ("dev.lock", "flows.lock", "serving.lock"))
+    for lock in (flows, serving):
+        assert {name: dev[name] for name in lock if name in dev} == lock, "one version of a package everywhere"
+    assert not serving.keys() & {"tensorflow-cpu", "keras", "pandas", "scikit-learn", "mlflow", "prefect"}
+    extras = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"]
+    for requirement in extras["dev"] + extras["spark"]:
+        name, _, version = requirement.partition("==")
+        if version:
+            assert dev[re.sub(r"[-_.]+", "-", name).lower()] == version, f"dev.lock: {requirement}: make lock"
+
+
 def test_bentofile_ships_the_service_with_the_serving_requirements_and_template():
     recipe = yaml.safe_load((ROOT / "bentofile.yaml").read_text())
     assert recipe["service"] == "service:MalariaClassifier"
-    assert recipe["python"]["requirements_txt"] == "./requirements/serving.txt"
+    assert recipe["python"]["requirements_txt"] == "./requirements/serving.lock"
+    assert recipe["python"]["lock_packages"] is False, "the lock is installed as it is, not resolved again"
     template = ROOT / recipe["docker"]["dockerfile_template"]
     text = template.read_text()
     assert "{% extends bento_base_template %}" in text

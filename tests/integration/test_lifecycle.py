@@ -185,31 +185,42 @@ def test_no_champion_is_a_clear_error(settings_factory):
         get_version(settings)
 
 
-def test_bento_builds_without_a_package_index(champion, tmp_path):
-    """`make bento-offline`: the service, its code and the champion model packed into a Bento."""
+def test_the_bento_builds_from_the_lock_without_a_package_index_and_twice_alike(champion):
+    """`make bento`: the service, its code and the champion packed into a Bento whose packages are the lock's."""
+    import os
     import subprocess
     import sys
 
     from tests.conftest import REPO_ROOT
 
-    settings, _, stored = champion
-    bentofile = tmp_path / "bentofile.yaml"
-    bentofile.write_text(
-        (REPO_ROOT / "bentofile.yaml").read_text().replace("lock_packages: true", "lock_packages: false")
-    )
-    build = subprocess.run(
-        [sys.executable, "-m", "bentoml", "build", "-f", str(bentofile), "-o", "tag", "."],
-        cwd=REPO_ROOT,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert build.returncode == 0, build.stderr[-2000:]
-    tag = build.stdout.strip().splitlines()[-1].replace("__tag__:", "")
-    bento = bentoml.get(tag)
-    assert {str(m.tag) for m in bento.info.all_models} == {str(stored.tag)}
-    assert (Path(bento.path) / "src" / "service.py").is_file()
-    assert (Path(bento.path) / "src" / "malaria" / "preprocess.py").is_file()
+    _, _, stored = champion
+    nowhere = "http://127.0.0.1:9/simple"  # any attempt to resolve against an index fails
+    env = {**os.environ, "PIP_INDEX_URL": nowhere, "UV_INDEX_URL": nowhere, "UV_DEFAULT_INDEX": nowhere}
+
+    def build() -> bentoml.Bento:
+        done = subprocess.run(
+            [sys.executable, "-m", "bentoml", "build", "-o", "tag", "."],
+            cwd=REPO_ROOT,
+            capture_output=True,
+            text=True,
+            timeout=300,
+            env=env,
+        )
+        assert done.returncode == 0, done.stderr[-2000:]
+        return bentoml.get(done.stdout.strip().splitlines()[-1].replace("__tag__:", ""))
+
+    first, second = build(), build()
+    assert {str(m.tag) for m in first.info.all_models} == {str(stored.tag)}
+    assert (Path(first.path) / "src" / "service.py").is_file()
+    assert (Path(first.path) / "src" / "malaria" / "preprocess.py").is_file()
+
+    def packages(bento: bentoml.Bento) -> list[str]:
+        text = (Path(bento.path) / "env" / "python" / "requirements.txt").read_text()
+        return sorted(line.split()[0] for line in text.splitlines() if line and not line.startswith(("#", " ")))
+
+    locked = packages(first)
+    assert locked == packages(second), "two builds, one package set"
+    assert len(locked) > 50 and all("==" in line for line in locked), "every package pinned, dependencies too"
 
 
 def test_against_a_tracking_server_artifacts_go_to_the_server_store(settings_factory, tmp_path):
