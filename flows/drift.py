@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import Any
 
 import pandas as pd
 from prefect import flow, get_run_logger, task
@@ -59,14 +60,15 @@ def notify(alerts: list[str], block: str | None) -> None:
     if alerts and block:
         from prefect.blocks.core import Block
 
-        Block.load(block).notify("\n".join(alerts), subject="malaria-bento monitoring")
+        notifier: Any = Block.load(block)  # a sync call here: Prefect types it as maybe a coroutine
+        notifier.notify("\n".join(alerts), subject="malaria-bento monitoring")
 
 
 def start_retraining(deployment: str) -> str:
     """Schedule a run of the training deployment (it runs where the deployments are served); its id."""
     from prefect.deployments import run_deployment
 
-    run = run_deployment(deployment, timeout=0, tags=["alert"])  # timeout 0: do not wait for it
+    run: Any = run_deployment(deployment, timeout=0, tags=["alert"])  # timeout 0: do not wait for it
     get_run_logger().warning("alert: started %s (flow run %s); the champion gate decides", deployment, run.id)
     return str(run.id)
 

@@ -11,6 +11,7 @@ import os
 import subprocess
 from datetime import timedelta
 from pathlib import Path
+from typing import Any
 
 from prefect import flow, get_run_logger, task
 from prefect.cache_policies import INPUTS
@@ -36,7 +37,7 @@ def fingerprint(*paths: Path) -> str:
     return digest.hexdigest()
 
 
-CACHED = {"cache_policy": INPUTS, "cache_expiration": timedelta(days=30), "persist_result": True}
+CACHED: dict[str, Any] = {"cache_policy": INPUTS, "cache_expiration": timedelta(days=30), "persist_result": True}
 
 
 @task(**CACHED)
@@ -122,10 +123,10 @@ def training_pipeline(force: bool = False, build: bool = True) -> dict:
         champion = get_version(settings)
     except RegistryError:
         champion = None
-    summary = {"trained": trained, "evaluation": evaluation, "champion": champion and champion.version}
+    summary: dict[str, Any] = {"trained": trained, "evaluation": evaluation, "champion": champion and champion.version}
     if champion is not None:
         store = os.environ.get("BENTOML_HOME", "~/bentoml")  # BentoML's store location
-        summary["bento_model"] = import_task(champion.run_id, champion.spec.to_json(), store)
+        summary["bento_model"] = import_task(str(champion.run_id), champion.spec.to_json(), store)
         if build:
             summary["bento"] = build_task(summary["bento_model"], fingerprint(*SERVICE_FILES))
     get_run_logger().info("pipeline finished: %s", summary)

@@ -100,7 +100,11 @@ def render_html(report: dict) -> str:
     return "\n".join(parts) + "\n"
 
 
-@flow(name="smear-report", task_runner=ThreadPoolTaskRunner(max_workers=2), log_prints=True)
+@flow(
+    name="smear-report",
+    task_runner=ThreadPoolTaskRunner(max_workers=2),  # type: ignore[arg-type]  # its generic type is inferred as Never
+    log_prints=True,
+)
 def smear_report_flow(
     paths: list[Path],
     url: str = "http://localhost:3000",

@@ -169,9 +169,9 @@ def score_with_spark(
         if row["error"] is not None:  # an unreadable file: the same row as the service engine gives
             results.append({"path": row["path"], "error": row["error"]})
         else:
-            answer = {k: row[k] for k in ANSWER_COLUMNS}
+            answered = {k: row[k] for k in ANSWER_COLUMNS}
             name = Path(row["path"]).name
-            results.append({"path": row["path"], **answer, "request_id": request_id, "filename": name})
+            results.append({"path": row["path"], **answered, "request_id": request_id, "filename": name})
     summary = write_outputs(results, out_dir)
     summary["seconds"] = round(time.perf_counter() - started, 3)
     logger.info("spark: %d images in %.1f s (%s)", summary["total"], summary["seconds"], summary["counts"])

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, NoReturn, cast
 
 import typer
 
@@ -36,7 +36,7 @@ def _settings(**overrides) -> Settings:
     return settings
 
 
-def _fail(message: str) -> None:
+def _fail(message: str) -> NoReturn:
     typer.secho(f"error: {message}", fg=typer.colors.RED, err=True)
     raise typer.Exit(1)
 
@@ -245,6 +245,7 @@ def evaluate(
 ) -> None:
     """Evaluate a registered model on unseen patients; save its threshold and refer band (Prefect flow)."""
     from flows.evaluate import evaluate_flow
+    from malaria.evaluate import ThresholdObjective
 
     _settings()
     if version_file is not None:
@@ -253,7 +254,9 @@ def evaluate(
         if not version_file.is_file():
             _fail(f"{version_file} not found: run `malaria train` first")
         version = str(json.loads(version_file.read_text())["version"])
-    result = _guarded(lambda: evaluate_flow(version=version, out_dir=out, objective=objective))
+    result = _guarded(
+        lambda: evaluate_flow(version=version, out_dir=out, objective=cast("ThresholdObjective", objective))
+    )
     typer.echo(f"threshold {result.spec.threshold:.3f}, refer band {result.spec.refer_band}; plots in {out}")
 
 
@@ -311,7 +314,7 @@ def batch_predict(
     ] = False,
 ) -> None:
     """Classify every image under FOLDER; CSV, JSON and summary (Prefect flow), plus Parquet with Spark."""
-    from flows.batch_predict import batch_predict_flow
+    from flows.batch_predict import Engine, batch_predict_flow
 
     if engine not in ("service", "spark"):
         _fail(f"--engine must be service or spark, not {engine!r}")
@@ -323,7 +326,7 @@ def batch_predict(
         url=url,
         token=token,
         out_dir=out,
-        engine=engine,  # type: ignore[arg-type]
+        engine=cast("Engine", engine),
         settings=settings,
         spark_master=master,
         model_version=version,

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 from malaria.preprocess import IMAGE_SUFFIXES
@@ -41,11 +41,11 @@ class MalariaClient:
         """One image -> one prediction."""
         return self._client.predict(image=Path(image))
 
-    def classify(self, images: list[Path | str]) -> list[dict]:
+    def classify(self, images: Sequence[Path | str]) -> list[dict]:
         """Several images -> one prediction each, in order."""
         return self._client.classify(images=[Path(p) for p in images])
 
-    def classify_files(self, images: list[Path | str]) -> list[dict]:
+    def classify_files(self, images: Sequence[Path | str]) -> list[dict]:
         """Several images -> ``{"path", **prediction}`` each, or ``{"path", "error"}`` for a file the service rejects.
 
         One request for all; if the service rejects it (a 4xx: some file is not a usable image), one request

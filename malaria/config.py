@@ -348,7 +348,11 @@ class Settings(BaseSettings):
     @classmethod
     def dvc_params(cls, stage: str) -> list[str]:
         """The settings a DVC stage reads, from the fields' ``dvc`` tags (train also reads the split seed)."""
-        tagged = [n for n, f in cls.model_fields.items() if (f.json_schema_extra or {}).get("dvc") == stage]
+        tagged = [
+            n
+            for n, f in cls.model_fields.items()
+            if isinstance(f.json_schema_extra, dict) and f.json_schema_extra.get("dvc") == stage
+        ]
         return (["seed"] if stage == "train" else []) + tagged
 
     @property

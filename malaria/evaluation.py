@@ -100,7 +100,7 @@ def plot_reliability(y_true: np.ndarray, probability: np.ndarray, path: Path) ->
 
 def plot_probability_histogram(y_true: np.ndarray, probability: np.ndarray, spec: ModelSpec, path: Path) -> Path:
     figure, ax = plt.subplots(figsize=(6, 4))
-    bins = np.linspace(0, 1, 41)
+    bins = np.linspace(0, 1, 41).tolist()
     ax.hist(probability[y_true == 1], bins=bins, alpha=0.6, label=spec.positive_class)
     ax.hist(probability[y_true == 0], bins=bins, alpha=0.6, label=spec.negative_class)
     ax.axvline(spec.threshold, color="k", ls="--", lw=1, label="threshold")

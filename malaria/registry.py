@@ -135,8 +135,8 @@ def log_model_version(
         )
     version = str(info.registered_model_version)
     version_tags = {SPEC_TAG: spec.to_json(), **(version_tags or {})}
-    for key, value in version_tags.items():
-        mlflow_client.set_model_version_tag(settings.registered_model_name, version, key, value)
+    for key, tag in version_tags.items():
+        mlflow_client.set_model_version_tag(settings.registered_model_name, version, key, tag)
     validation_set = version_tags.get(VALIDATION_SET_TAG)
     promoted = promote_if_better(settings, version, metrics, force, validation_set, rescore_champion)
     name = settings.registered_model_name
@@ -221,7 +221,7 @@ def get_version(settings: Settings, version: str | None = None) -> RegisteredVer
     if SPEC_TAG in mv.tags:
         spec = ModelSpec.model_validate_json(mv.tags[SPEC_TAG])
     else:
-        spec = ModelSpec.from_metadata(mlflow.models.get_model_info(f"models:/{name}/{mv.version}").metadata)
+        spec = ModelSpec.from_metadata(mlflow.models.get_model_info(f"models:/{name}/{mv.version}").metadata or {})
     metrics = dict(mlflow_client.get_run(mv.run_id).data.metrics) if mv.run_id else {}
     aliases = set(getattr(mv, "aliases", []) or [])
     return RegisteredVersion(

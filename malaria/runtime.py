@@ -214,7 +214,7 @@ def convert_and_gate(
             predict = openvino_predict(out_dir / IR_FILES[precision], precision, threads)
             measured = figures(reference, batched_probability(predict, reference.images, spec), spec)
             failures = precision_failures(baseline, measured)
-            entry = {"passed": not failures, **measured}
+            entry: dict[str, object] = {"passed": not failures, **measured}
             if failures:
                 entry["failed"] = failures
                 if precision == "int8":  # a refused quantized file is not shipped
@@ -253,7 +253,7 @@ def choose_precision(record: dict, wanted: str, capabilities: list[str]) -> Prec
     """The precision to serve: the one asked for (it must have passed the gate), else the gated default;
     fp32 when this CPU lacks the instructions the choice needs."""
     passed = {name for name, entry in record["precisions"].items() if entry["passed"]}
-    choice = record["default_precision"] if wanted == "auto" else wanted
+    choice: Precision = record["default_precision"] if wanted == "auto" else wanted  # type: ignore[assignment]
     if choice not in passed:
         raise ValueError(
             f"MALARIA_PRECISION={wanted}: {choice} did not pass the precision gate at import "

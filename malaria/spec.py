@@ -129,7 +129,7 @@ class ModelSpec(BaseModel):
 
     def for_fields(self) -> ModelSpec:
         """The decision rule for cells of smear fields: the field threshold and band where they are set."""
-        update = {}
+        update: dict[str, object] = {}
         if self.field_threshold is not None:
             update["threshold"] = self.field_threshold
         if self.field_refer_band is not None:

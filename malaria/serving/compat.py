@@ -73,10 +73,10 @@ def cache_response_media_types() -> None:
     known: dict[tuple[type, str | None], str] = {}
 
     def mime_type(cls: type) -> str:
-        key = (cls, cls.media_type)
+        key = (cls, getattr(cls, "media_type", None))
         if key not in known:
             known[key] = derive(cls)
         return known[key]
 
     mime_type.cached = True  # type: ignore[attr-defined]
-    IOMixin.mime_type = classmethod(mime_type)  # type: ignore[method-assign, assignment]
+    IOMixin.mime_type = classmethod(mime_type)

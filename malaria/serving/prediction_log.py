@@ -144,6 +144,7 @@ class PredictionLog:
                     handle, path = None, self._path()
                     path.parent.mkdir(parents=True, exist_ok=True)
                     handle = path.open("a", encoding="utf-8")
+                assert handle is not None  # opened above whenever the path changed (None resets the path)
                 text = "".join(json.dumps(line) + "\n" for group in batch for line in group)
                 handle.write("\n" + text if after_failure else text)
                 handle.flush()

@@ -131,7 +131,9 @@ class ReviewStore:
                     crop_sha256=sha256,
                 )
             )
-            return int(inserted.inserted_primary_key[0]), sha256
+            key = inserted.inserted_primary_key
+            assert key is not None, "an INSERT returns its key"
+            return int(key[0]), sha256
 
     def purge(self, now: datetime | None = None) -> int:
         """Delete reviews older than the retention, then crops no review uses; returns reviews deleted."""

@@ -40,12 +40,17 @@ class Box:
         )
 
 
+def _xywh(bbox: dict) -> tuple[int, int, int, int]:
+    x, y, w, h = (int(float(bbox[k])) for k in "xywh")
+    return x, y, w, h
+
+
 def load_annotations(smear_dir: Path) -> dict[str, list[Box]]:
     """``annotations.json`` of a smear folder -> boxes per image file name (unsure boxes left out)."""
     fields = json.loads((Path(smear_dir) / "annotations.json").read_text())
     return {
         entry["image_name"]: [
-            Box(*(int(float(obj["bbox"][k])) for k in "xywh"), infected=obj["type"] != UNINFECTED_TYPE)
+            Box(*_xywh(obj["bbox"]), infected=obj["type"] != UNINFECTED_TYPE)
             for obj in entry["objects"]
             if obj["type"] not in IGNORED_TYPES
         ]

@@ -81,7 +81,7 @@ class FieldDetection:
 
     def rejected(self) -> dict[str, int]:
         """Objects that are not counted, by kind (edge red cells under ``edge``)."""
-        counts = {"edge": 0, **{kind: 0 for kind in KINDS if kind != "red_cell"}}
+        counts: dict[str, int] = {"edge": 0, **{kind: 0 for kind in KINDS if kind != "red_cell"}}
         for region in self.regions:
             counts["edge" if region.kind == "red_cell" else region.kind] += 1
         counts["edge"] -= len(self.counted)

@@ -50,3 +50,18 @@ def test_compat_refuses_another_bentoml_release(monkeypatch):
         importlib.reload(compat)
     monkeypatch.undo()
     importlib.reload(compat)
+
+
+def test_pre_commit_runs_the_lint_tools_of_the_projects_venv():
+    import shlex
+
+    [repo] = yaml.safe_load((REPO_ROOT / ".pre-commit-config.yaml").read_text())["repos"]
+    assert repo["repo"] == "local", "hooks cloned from GitHub cannot be fetched here"
+    commands = [shlex.split(hook["entry"]) for hook in repo["hooks"]]
+    for command in commands:
+        assert (REPO_ROOT / command[0]).is_file(), f"{command[0]} missing: make install"
+    lint = (REPO_ROOT / "Makefile").read_text().split("\nlint:")[1].split("\n\n")[0]
+    for tool in ("ruff check", "ruff format", "mypy"):
+        assert f"$(BIN)/{tool}" in lint, f"make lint runs {tool}"
+        hooks = [" ".join([Path(command[0]).name, *command[1:]]) for command in commands]
+        assert any(hook.startswith(tool) for hook in hooks), f"a hook runs {tool}"
