@@ -16,9 +16,9 @@ from malaria.registry import champion_version, reference_features
 
 
 @task
-def load_reference(reference_path: Path | None, version: str | None) -> pd.DataFrame:
+def load_reference(settings: Settings, reference_path: Path | None, version: str | None) -> pd.DataFrame:
     """The drift reference: a given CSV, else the one saved with the version's training run."""
-    return pd.read_csv(reference_path) if reference_path else reference_features(get_settings(), version)
+    return pd.read_csv(reference_path) if reference_path else reference_features(settings, version)
 
 
 @task
@@ -80,15 +80,17 @@ def drift_flow(
     reference_path: Path | None = None,
     out_dir: Path = Path("reports/drift"),
     min_predictions: int = 50,
+    settings: Settings | None = None,
 ) -> DriftResult:
     """Compare recent predictions with the training images; the result says whether drift was found.
 
     Without ``reference_path`` the reference is the champion's, and only the champion's predictions
-    are compared with it: another version's probabilities are another model's.
+    are compared with it: another version's probabilities are another model's. ``settings``: the
+    caller's (the CLI passes its own); a deployment's run reads the environment.
     """
-    settings = get_settings()
+    settings = settings or get_settings()
     version = None if reference_path else champion_version(settings)
-    reference = load_reference(reference_path, version)
+    reference = load_reference(settings, reference_path, version)
     current = load_window(log_dir or settings.prediction_log_dir, hours, version)
     result = report_task(reference, current, out_dir, min_predictions)
     quality = live_quality_task(settings, hours, out_dir)

@@ -7,15 +7,19 @@ from pathlib import Path
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
-from malaria.config import get_settings
+from malaria.config import Settings, get_settings
 from malaria.evaluate import METRIC_ROWS, EvaluationResult, ThresholdObjective, evaluate_model
 
 
 @task
 def evaluate_task(
-    version: str | None, out_dir: Path, objective: ThresholdObjective, target_accuracy: float | None
+    settings: Settings,
+    version: str | None,
+    out_dir: Path,
+    objective: ThresholdObjective,
+    target_accuracy: float | None,
 ) -> EvaluationResult:
-    return evaluate_model(get_settings(), version, out_dir, objective=objective, target_accuracy=target_accuracy)
+    return evaluate_model(settings, version, out_dir, objective=objective, target_accuracy=target_accuracy)
 
 
 @flow(name="evaluate", log_prints=True)
@@ -24,9 +28,14 @@ def evaluate_flow(
     out_dir: Path = Path("reports/evaluation"),
     objective: ThresholdObjective = "calibrated",
     target_accuracy: float | None = None,
+    settings: Settings | None = None,
 ) -> EvaluationResult:
-    """Metrics, plots, threshold and refer band of a registered model; logged to MLflow and Prefect."""
-    result = evaluate_task(version, out_dir, objective, target_accuracy)
+    """Metrics, plots, threshold and refer band of a registered model; logged to MLflow and Prefect.
+
+    ``settings``: the caller's (the CLI passes its own, overrides included); a deployment's run reads
+    the environment.
+    """
+    result = evaluate_task(settings or get_settings(), version, out_dir, objective, target_accuracy)
     create_markdown_artifact(
         key="evaluation-summary",
         markdown=(out_dir / "summary.md").read_text(),

@@ -16,7 +16,7 @@ from typing import Any
 from prefect import flow, get_run_logger, task
 from prefect.cache_policies import INPUTS
 
-from malaria.config import get_settings
+from malaria.config import Settings, get_settings
 
 REPO = Path(__file__).resolve().parents[1]
 PACKAGE = REPO / "malaria"
@@ -37,25 +37,39 @@ def fingerprint(*paths: Path) -> str:
     return digest.hexdigest()
 
 
-CACHED: dict[str, Any] = {"cache_policy": INPUTS, "cache_expiration": timedelta(days=30), "persist_result": True}
+# A task's cache key is its inputs but the settings object: the settings a step depends on are given as
+# ``params`` (cache_params), so a change elsewhere (a log level, a port) does not redo training.
+CACHED: dict[str, Any] = {
+    "cache_policy": INPUTS - "settings",
+    "cache_expiration": timedelta(days=30),
+    "persist_result": True,
+}
+# Where a stage's results go (the registry), besides what DVC declares for it (`Settings.dvc_params`).
+STAGE_TARGETS = {"register": ("mlflow_tracking_uri", "registered_model_name")}
+
+
+def cache_params(settings: Settings, *stages: str) -> dict[str, Any]:
+    """The settings the given pipeline stages depend on: the ones DVC declares for them (one list, in the
+    settings class), plus where their results go."""
+    names = {name for stage in stages for name in (*Settings.dvc_params(stage), *STAGE_TARGETS.get(stage, ()))}
+    return settings.model_dump(mode="json", include=names)
 
 
 @task(**CACHED)
-def prepare_task(data_fingerprint: str, params: dict, manifest_hash: str) -> str:
+def prepare_task(settings: Settings, data_fingerprint: str, params: dict, manifest_hash: str) -> str:
     """Validate and split; returns the manifest's content hash (given as input so a lost manifest is redone)."""
     from malaria.data import prepare
 
-    settings = get_settings()
     prepare(settings)
     return fingerprint(settings.splits_path)
 
 
 @task(**CACHED)
-def train_task(manifest_hash: str, params: dict, code_hash: str, force: bool) -> dict:
+def train_task(settings: Settings, manifest_hash: str, params: dict, code_hash: str, force: bool) -> dict:
     """Train and register; the champion gate moves @champion only for an at-least-as-good model."""
     from malaria.train import train
 
-    record = train(get_settings(), force=force)
+    record = train(settings, force=force)
     return {
         "version": record.version,
         "run_id": record.run_id,
@@ -65,20 +79,20 @@ def train_task(manifest_hash: str, params: dict, code_hash: str, force: bool) ->
 
 
 @task(**CACHED)
-def evaluate_task(version: str, run_id: str, refer_target_accuracy: float, code_hash: str) -> dict:
+def evaluate_task(settings: Settings, version: str, run_id: str, params: dict, code_hash: str) -> dict:
     """Test metrics, threshold and refer band of a version (keyed by its run: versions repeat across registries)."""
     from malaria.evaluate import evaluate_model
 
-    result = evaluate_model(get_settings(), version)
+    result = evaluate_model(settings, version)
     return {"metrics": result.metrics, "threshold": result.spec.threshold}
 
 
 @task(**CACHED)
-def import_task(champion_run_id: str, champion_spec: str, bentoml_home: str) -> str:
+def import_task(settings: Settings, champion_run_id: str, champion_spec: str, bentoml_home: str) -> str:
     """The champion into the BentoML store, again when its spec (threshold, refer band) or the store changed."""
     from malaria.bento import import_model
 
-    return str(import_model(get_settings()).tag)
+    return str(import_model(settings).tag)
 
 
 @task(**CACHED)
@@ -89,36 +103,23 @@ def build_task(bento_model_tag: str, code_hash: str) -> str:
 
 
 @flow(name="training-pipeline", log_prints=True)
-def training_pipeline(force: bool = False, build: bool = True) -> dict:
-    """Run the whole model lifecycle; cached steps are skipped when their inputs did not change."""
+def training_pipeline(force: bool = False, build: bool = True, settings: Settings | None = None) -> dict:
+    """Run the whole model lifecycle; cached steps are skipped when their inputs did not change.
+
+    ``settings``: the caller's; a deployment's run reads the environment.
+    """
     from malaria.data import ensure_dataset
     from malaria.registry import RegistryError, get_version
 
-    settings = get_settings()
-    params = settings.model_dump(
-        mode="json",
-        include={
-            "seed",
-            "train_seed",
-            "val_fraction",
-            "test_fraction",
-            "profile",
-            "image_size",
-            "width",
-            "epochs",
-            "learning_rate",
-            "weight_decay",
-            "batch_size",
-            "deterministic",
-            "max_train_images",
-            "mlflow_tracking_uri",
-            "registered_model_name",
-        },
-    )
+    settings = settings or get_settings()
+    params = cache_params(settings, "prepare", "train") | cache_params(settings, "register")
     code_hash = fingerprint(PACKAGE)
-    manifest_hash = prepare_task(fingerprint(ensure_dataset(settings)), params, fingerprint(settings.splits_path))
-    trained = train_task(manifest_hash, params, code_hash, force)
-    evaluation = evaluate_task(trained["version"], trained["run_id"], settings.refer_target_accuracy, code_hash)
+    data = fingerprint(ensure_dataset(settings))
+    manifest_hash = prepare_task(settings, data, params, fingerprint(settings.splits_path))
+    trained = train_task(settings, manifest_hash, params, code_hash, force)
+    evaluation = evaluate_task(
+        settings, trained["version"], trained["run_id"], cache_params(settings, "evaluate"), code_hash
+    )
     try:
         champion = get_version(settings)
     except RegistryError:
@@ -126,7 +127,7 @@ def training_pipeline(force: bool = False, build: bool = True) -> dict:
     summary: dict[str, Any] = {"trained": trained, "evaluation": evaluation, "champion": champion and champion.version}
     if champion is not None:
         store = os.environ.get("BENTOML_HOME", "~/bentoml")  # BentoML's store location
-        summary["bento_model"] = import_task(str(champion.run_id), champion.spec.to_json(), store)
+        summary["bento_model"] = import_task(settings, str(champion.run_id), champion.spec.to_json(), store)
         if build:
             summary["bento"] = build_task(summary["bento_model"], fingerprint(*SERVICE_FILES))
     get_run_logger().info("pipeline finished: %s", summary)

@@ -247,7 +247,7 @@ def evaluate(
     from flows.evaluate import evaluate_flow
     from malaria.evaluate import ThresholdObjective
 
-    _settings()
+    settings = _settings()
     if version_file is not None:
         if version is not None:
             _fail("give --version or --version-file, not both")
@@ -255,7 +255,9 @@ def evaluate(
             _fail(f"{version_file} not found: run `malaria train` first")
         version = str(json.loads(version_file.read_text())["version"])
     result = _guarded(
-        lambda: evaluate_flow(version=version, out_dir=out, objective=cast("ThresholdObjective", objective))
+        lambda: evaluate_flow(
+            version=version, out_dir=out, objective=cast("ThresholdObjective", objective), settings=settings
+        )
     )
     typer.echo(f"threshold {result.spec.threshold:.3f}, refer band {result.spec.refer_band}; plots in {out}")
 
@@ -275,7 +277,7 @@ def drift(
     from flows.drift import drift_flow
     from malaria.monitoring import NotEnoughPredictions
 
-    _settings()
+    settings = _settings()
     try:
         result = _guarded(
             lambda: drift_flow(
@@ -284,6 +286,7 @@ def drift(
                 reference_path=reference,
                 out_dir=out,
                 min_predictions=min_predictions,
+                settings=settings,
             )
         )
     except NotEnoughPredictions as exc:

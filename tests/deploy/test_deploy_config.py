@@ -490,6 +490,24 @@ def test_actionlint_reports_a_broken_workflow(tmp_path):
     assert result.returncode == 1 and "no_such" in result.stdout
 
 
+@pytest.mark.parametrize("path", WORKFLOW_FILES, ids=lambda p: p.name)
+def test_workflows_pin_actions_by_commit_and_hold_no_write_token_by_default(path):
+    text = path.read_text()
+    uses = re.findall(r"uses:\s*(\S+)(.*)", text)
+    assert uses
+    for action, comment in uses:
+        assert re.fullmatch(r"[\w.-]+/[\w./-]+@[0-9a-f]{40}", action), f"{action}: pin a commit SHA, not a tag"
+        assert re.match(r"\s+# v\d", comment), f"{action}: say the version it is, for the reader and Dependabot"
+    workflow = load_yaml(path)
+    assert workflow["permissions"] == {"contents": "read"}
+    for job in workflow["jobs"].values():
+        for step in job["steps"]:
+            if step.get("uses", "").startswith("actions/checkout@"):
+                assert step["with"]["persist-credentials"] is False, "no token left in .git/config"
+    updates = load_yaml(ROOT / ".github" / "dependabot.yml")["updates"]
+    assert {"package-ecosystem": "github-actions", "directory": "/"}.items() <= updates[0].items()
+
+
 def test_ci_lints_with_the_locked_ruff(ci):
     lock = (ROOT / "requirements" / "dev.lock").read_text().splitlines()
     [locked] = [line for line in lock if line.startswith("ruff==")]

@@ -189,6 +189,9 @@ def test_pipeline_caches_unchanged_steps(synthetic_dir, settings_env, tmp_path, 
     assert first["trained"]["version"] == second["trained"]["version"] == "1"
     assert get_version(settings).version == "1"  # the second run trained nothing new
     assert second["bento_model"] == first["bento_model"]
+    # Given settings are the ones used; a setting no step depends on redoes nothing.
+    quiet = training_pipeline(build=False, settings=settings.model_copy(update={"log_level": "DEBUG"}))
+    assert quiet["trained"]["version"] == "1" and get_version(settings).version == "1"
     monkeypatch.setenv("MALARIA_MAX_TRAIN_IMAGES", "40")  # a smoke-run cap is a different training
     get_settings.cache_clear()
     capped = training_pipeline(build=False)
@@ -196,11 +199,10 @@ def test_pipeline_caches_unchanged_steps(synthetic_dir, settings_env, tmp_path, 
     assert "eval.accuracy" in get_version(settings, "2").tags
     # Another registry starts again at version 1: its evaluation is its own, not the cached one of
     # the first registry's version 1.
-    monkeypatch.setenv("MALARIA_REGISTERED_MODEL_NAME", "other-classifier")
-    get_settings.cache_clear()
-    other = training_pipeline(build=False)
+    other_registry = get_settings().model_copy(update={"registered_model_name": "other-classifier"})
+    other = training_pipeline(build=False, settings=other_registry)  # passed in, not in the environment
     assert other["trained"]["version"] == "1"
-    assert "eval.accuracy" in get_version(get_settings(), "1").tags
+    assert "eval.accuracy" in get_version(other_registry, "1").tags
 
 
 @pytest.mark.parametrize(

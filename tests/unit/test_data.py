@@ -212,6 +212,18 @@ def test_dataset_report_has_counts_and_pictures(synthetic_dir, settings_factory,
             assert image.size[0] > 200 and np.asarray(image).std() > 0
 
 
+def test_the_prefect_pipelines_cache_keys_are_the_settings_dvc_declares_plus_the_registry():
+    from flows.pipeline import cache_params
+    from malaria.config import Settings
+
+    settings = Settings()
+    trained_on = cache_params(settings, "prepare", "train")
+    assert trained_on.keys() == {*Settings.dvc_params("prepare"), *Settings.dvc_params("train")}
+    assert {"smear_infected_repeat", "smear_uninfected_per_field"} <= trained_on.keys()  # once missing by hand
+    assert cache_params(settings, "register").keys() == {"mlflow_tracking_uri", "registered_model_name"}
+    assert cache_params(settings, "evaluate").keys() == set(Settings.dvc_params("evaluate"))
+
+
 def test_dvc_pipeline_parses_and_each_stage_depends_on_the_code_it_runs():
     import re
     import subprocess
