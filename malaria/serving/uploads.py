@@ -17,7 +17,7 @@ from pydantic_core import PydanticCustomError, core_schema
 from starlette.datastructures import UploadFile
 
 from malaria.config import Settings
-from malaria.preprocess import ImageTooLargeError, InvalidImageError, decode_image, to_model_input
+from malaria.preprocess import ALLOWED_FORMATS, ImageTooLargeError, InvalidImageError, decode_image, to_model_input
 from malaria.serving import compat
 from malaria.serving.schemas import BatchSummary, Prediction
 from malaria.spec import DECISIONS, ModelSpec
@@ -108,7 +108,8 @@ def decodes_quickly(uploads: list[ImageUpload]) -> bool:
     if len(uploads) != 1 or not 0 < uploads[0].size <= INLINE_DECODE_BYTES:
         return False
     try:
-        with Image.open(uploads[0].stream()) as image:  # the header only
+        # The header only, of the formats decode_image accepts (some others decode while opening).
+        with Image.open(uploads[0].stream(), formats=ALLOWED_FORMATS) as image:
             return image.width * image.height <= INLINE_DECODE_PIXELS
     except Exception:  # noqa: BLE001 - not an image: decode_image answers why, on a thread
         return False

@@ -13,6 +13,7 @@ import time
 import numpy as np
 import pytest
 from bentoml.exceptions import ServiceUnavailable
+from PIL import Image
 from pydantic import TypeAdapter, ValidationError
 from starlette.datastructures import UploadFile
 
@@ -141,8 +142,6 @@ def test_bentoml_treats_an_upload_field_as_a_multipart_file():
 
 
 def png(width: int, height: int) -> bytes:
-    from PIL import Image
-
     buffer = io.BytesIO()
     Image.new("RGB", (width, height)).save(buffer, "PNG")
     return buffer.getvalue()
@@ -155,6 +154,9 @@ def test_only_one_small_image_is_decoded_where_the_request_is_handled():
     assert not decodes_quickly([ImageUpload.validate(crop)] * 2), "several images go to a thread"
     assert not decodes_quickly([ImageUpload.validate(bomb)]), "the header's pixels decide, not the bytes"
     assert not decodes_quickly([ImageUpload.validate(b"not an image")])
+    icon = io.BytesIO()
+    Image.new("RGB", (64, 64)).save(icon, "ICO")  # a format Pillow decodes while opening: not even peeked at
+    assert not decodes_quickly([ImageUpload.validate(icon.getvalue())])
     assert not decodes_quickly([ImageUpload.validate(crop + bytes(INLINE_DECODE_BYTES))])
     upload = ImageUpload.validate(crop)
     decodes_quickly([upload])
