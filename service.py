@@ -70,6 +70,7 @@ logger = logging.getLogger(__name__)
 settings = get_settings()
 harden_multipart_parsing()
 compat.cache_response_media_types()
+compat.bound_endpoint_labels(mounted=(UI_PATH,))
 MODEL = bentoml.models.BentoModel(f"{settings.bento_model_name}:latest")
 # A field's expected red-cell size, per request: 8 to 1000 px, directly or as 7.5 um over the pixel size.
 CellDiameter = Annotated[float, Field(ge=8, le=1000)] | None
@@ -455,7 +456,9 @@ class MalariaClassifier:
 
 FORM_OVERHEAD_BYTES = 1_000_000  # multipart headers and boundaries, generously
 # Starlette runs the first added outermost: auth answers before any limit is disclosed.
-MalariaClassifier.add_asgi_middleware(BearerAuthMiddleware, token=settings.api_token)
+MalariaClassifier.add_asgi_middleware(
+    BearerAuthMiddleware, token=settings.api_token, metrics_token=settings.metrics_token
+)
 MalariaClassifier.add_asgi_middleware(
     BodyLimitMiddleware,
     max_body_bytes=settings.max_image_bytes * settings.max_images_per_request + FORM_OVERHEAD_BYTES,

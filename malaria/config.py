@@ -273,13 +273,20 @@ class Settings(BaseSettings):
         "trailing newline) is stripped; a token of only whitespace is an error, not auth off.",
     )
 
-    @field_validator("api_token")
+    metrics_token: str | None = Field(
+        default=None,
+        description="Bearer token for /metrics (Prometheus: `authorization: {credentials_file: ...}`); unset: "
+        "/metrics is open like the probes. Its counts are the served population's prevalence. Stripped like "
+        "api_token.",
+    )
+
+    @field_validator("api_token", "metrics_token")
     @classmethod
     def _clean_token(cls, token: str | None) -> str | None:
         if token is None or token == "":
             return None
         if not token.strip():
-            raise ValueError("api_token is empty or whitespace: unset it to turn auth off")
+            raise ValueError("a token of only whitespace: unset it to turn auth off")
         return token.strip()
 
     prediction_log_filenames: FilenamePolicy = Field(

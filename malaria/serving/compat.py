@@ -80,3 +80,48 @@ def cache_response_media_types() -> None:
 
     mime_type.cached = True  # type: ignore[attr-defined]
     IOMixin.mime_type = classmethod(mime_type)
+
+
+UNMATCHED_PATH_LABEL = "(unmatched)"
+BENTOML_PATHS = frozenset({"/", "/docs.json", "/schema.json", "/healthz", "/livez", "/readyz", "/metrics"})
+BENTOML_PREFIXES = ("/static_content/", "/assets/")  # the Swagger page's files
+
+
+def bound_endpoint_labels(mounted: tuple[str, ...] = ()) -> None:
+    """Label BentoML's request metrics of a path no route serves ``(unmatched)``, not with the path.
+
+    BentoML labels its request counter and histograms with the raw path, so every unknown path a
+    client sends (no token needed: the answer is a 404) added series to ``/metrics`` without bound.
+    Known: the API routes, BentoML's own, and the ``mounted`` apps' prefixes (one label each).
+    """
+    import copy
+
+    from bentoml._internal.context import server_context
+    from bentoml._internal.server.http.instruments import RunnerTrafficMetricsMiddleware
+
+    if getattr(RunnerTrafficMetricsMiddleware.__call__, "bounded", False):
+        return
+    count = RunnerTrafficMetricsMiddleware.__call__
+    prefixes = (*BENTOML_PREFIXES, *(prefix.rstrip("/") + "/" for prefix in mounted))
+
+    def label(path: str) -> str:
+        if path in BENTOML_PATHS or path in server_context.service_routes:
+            return path
+        return next((p for p in prefixes if path.startswith(p) or path == p.rstrip("/")), UNMATCHED_PATH_LABEL)
+
+    async def bounded(self: Any, scope: Any, receive: Any, send: Any) -> None:
+        path = scope.get("path")
+        if scope["type"] not in ("http", "websocket") or path is None or label(path) == path:
+            return await count(self, scope, receive, send)
+        if not self._is_setup:
+            self._setup()  # the metrics objects are created once, on the shared instance
+        app, relabelled = self.app, copy.copy(self)
+
+        async def with_the_real_path(inner: Any, receive: Any, send: Any) -> None:
+            await app({**inner, "path": path}, receive, send)
+
+        relabelled.app = with_the_real_path
+        await count(relabelled, {**scope, "path": label(path)}, receive, send)
+
+    bounded.bounded = True  # type: ignore[attr-defined]
+    RunnerTrafficMetricsMiddleware.__call__ = bounded  # type: ignore[method-assign]

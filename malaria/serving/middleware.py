@@ -22,18 +22,25 @@ class BearerAuthMiddleware:
     """401 for any API call without ``Authorization: Bearer <token>`` when a token is set.
 
     The scheme name is case-insensitive (RFC 9110, 11.1); the token is compared in constant time.
-    Health probes, metrics and the lab page's files (``is_open``) stay open.
+    Health probes, metrics and the lab page's files (``is_open``) stay open; with ``metrics_token``,
+    ``/metrics`` needs that token (and only that one: a scraper gets no API access, a client no metrics).
     """
 
-    def __init__(self, app, token: str | None):
+    def __init__(self, app, token: str | None, metrics_token: str | None = None):
         self.app = app
         self.expected = token.encode() if token else None
+        self.metrics_expected = metrics_token.encode() if metrics_token else None
 
     async def __call__(self, scope, receive, send):
+        if scope["type"] == "http" and scope["path"] == "/metrics" and self.metrics_expected is not None:
+            return await self._guard(self.metrics_expected, scope, receive, send)
         if self.expected is None or scope["type"] != "http" or is_open(scope):
             return await self.app(scope, receive, send)
+        return await self._guard(self.expected, scope, receive, send)
+
+    async def _guard(self, expected: bytes, scope, receive, send):
         scheme, _, given = dict(scope.get("headers") or []).get(b"authorization", b"").partition(b" ")
-        if scheme.lower() != b"bearer" or not hmac.compare_digest(given.strip(), self.expected):
+        if scheme.lower() != b"bearer" or not hmac.compare_digest(given.strip(), expected):
             return await json_error(send, 401, "missing or invalid bearer token", [(b"www-authenticate", b"Bearer")])
         return await self.app(scope, receive, send)
 

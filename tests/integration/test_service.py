@@ -149,6 +149,16 @@ def predictions_counted(server) -> dict[tuple[str, str], float]:
     return counted
 
 
+def test_paths_no_route_serves_share_one_metrics_label_and_still_reach_the_app(server):
+    for path in ("/no-such-1", "/no-such-2/deeper", "/ui/no-such.js"):
+        assert httpx.get(f"{server.url}{path}", timeout=10).status_code == 404, path
+    assert httpx.get(f"{server.url}/ui/app.js", timeout=10).status_code == 200, "relabelled, the page still answers"
+    metrics = httpx.get(f"{server.url}/metrics", timeout=10).text
+    labels = set(re.findall(r'bentoml_service_request_total\{[^}]*endpoint="([^"]*)"', metrics))
+    assert not labels & {"/no-such-1", "/no-such-2/deeper", "/ui/no-such.js", "/ui/app.js"}
+    assert {"(unmatched)", "/ui/", "/predict"} <= labels
+
+
 def test_concurrent_single_image_calls_reach_the_model_in_batches(server, cells):
     images = [p.read_bytes() for p in cells["Parasitized"] + cells["Uninfected"]] * 3
 
@@ -378,6 +388,7 @@ def test_prediction_log_has_one_line_per_successful_prediction(server):
 def secured(champion, tmp_path_factory):
     env = {
         "MALARIA_API_TOKEN": "s3cret",
+        "MALARIA_METRICS_TOKEN": "scrape",
         "MALARIA_ACCESS_LOG": "true",
         "MALARIA_TRACING": "true",
         "MALARIA_REFER_BAND": "[0.0, 1.0]",  # every image with P(Parasitized) < 1 is referred
@@ -415,6 +426,11 @@ def test_every_api_route_needs_the_token_and_only_probes_metrics_and_the_page_ar
     for path in posted:
         response = httpx.post(f"{secured.url}{path}", files={"image": ("x.png", b"x", "image/png")}, timeout=10)
         assert response.status_code == 401, path
-    for path in ("/healthz", "/livez", "/readyz", "/metrics", "/ui/", "/ui/app.js"):
+    for path in ("/healthz", "/livez", "/readyz", "/ui/", "/ui/app.js"):
         assert httpx.get(f"{secured.url}{path}", timeout=10).status_code == 200, path
+    # MALARIA_METRICS_TOKEN: /metrics for the scraper's token only.
+    assert httpx.get(f"{secured.url}/metrics", timeout=10).status_code == 401
+    assert httpx.get(f"{secured.url}/metrics", headers=token, timeout=10).status_code == 401
+    scraper = {"Authorization": "Bearer scrape"}
+    assert "bentoml_service_request_total" in httpx.get(f"{secured.url}/metrics", headers=scraper, timeout=10).text
     assert httpx.post(f"{secured.url}/ui/", timeout=10).status_code == 401  # open to GET and HEAD only

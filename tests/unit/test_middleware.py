@@ -104,5 +104,16 @@ def test_a_token_from_a_secret_file_loses_its_trailing_newline(monkeypatch):
     monkeypatch.setenv("MALARIA_API_TOKEN", "")  # compose's default: auth off
     assert Settings().api_token is None
     monkeypatch.setenv("MALARIA_API_TOKEN", " \n")  # a Secret holding only a newline: refused, not auth off
-    with pytest.raises(ValidationError, match="empty or whitespace"):
+    with pytest.raises(ValidationError, match="only whitespace"):
         Settings()
+
+
+@pytest.mark.parametrize("api_token", ["s3cret", None])
+def test_a_metrics_token_guards_metrics_alone_and_opens_nothing_else(api_token):
+    app = BearerAuthMiddleware(stub_app, token=api_token, metrics_token="scrape")
+    assert call(app, "GET", "/metrics").status_code == 401
+    assert call(app, "GET", "/metrics", headers={"Authorization": "Bearer scrape"}).status_code == 200
+    if api_token:  # the API's token is not the scraper's, and the other way round
+        assert call(app, "GET", "/metrics", headers={"Authorization": "Bearer s3cret"}).status_code == 401
+        assert call(app, "POST", "/predict", headers={"Authorization": "Bearer scrape"}).status_code == 401
+    assert call(app, "GET", "/livez").status_code == 200, "probes stay open"
