@@ -7,7 +7,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Literal
 
-from pydantic import AliasChoices, Field, field_validator
+from pydantic import AliasChoices, Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict, YamlConfigSettingsSource
 
 from malaria.spec import check_refer_band
@@ -273,6 +273,11 @@ class Settings(BaseSettings):
         "trailing newline) is stripped; a token of only whitespace is an error, not auth off.",
     )
 
+    require_token: bool = Field(
+        default=False,
+        description="Refuse to start without MALARIA_API_TOKEN (fail closed; the Kubernetes manifests set it). "
+        "Off: auth is on only when a token is set.",
+    )
     metrics_token: str | None = Field(
         default=None,
         description="Bearer token for /metrics (Prometheus: `authorization: {credentials_file: ...}`); unset: "
@@ -288,6 +293,15 @@ class Settings(BaseSettings):
         if not token.strip():
             raise ValueError("a token of only whitespace: unset it to turn auth off")
         return token.strip()
+
+    @model_validator(mode="after")
+    def _token_when_required(self) -> Settings:
+        if self.require_token and self.api_token is None:
+            raise ValueError(
+                "MALARIA_REQUIRE_TOKEN is set but MALARIA_API_TOKEN is not: refusing to serve without auth "
+                "(set the token, or MALARIA_REQUIRE_TOKEN=false to serve without it on purpose)"
+            )
+        return self
 
     prediction_log_filenames: FilenamePolicy = Field(
         default="hashed",

@@ -216,9 +216,12 @@ def test_prediction_log_is_on_a_volume_that_a_sidecar_ships(deployment, classifi
     assert "tail" in script and ".jsonl" in script and LOG_DIR in script
 
 
-def test_api_token_comes_from_an_optional_secret(classifier):
+def test_api_token_comes_from_a_required_secret_and_the_service_requires_it(classifier):
     ref = by_name(classifier["env"], "MALARIA_API_TOKEN")["valueFrom"]["secretKeyRef"]
-    assert ref == {"name": "malaria-api", "key": "token", "optional": True}
+    assert ref == {"name": "malaria-api", "key": "token"}, "no Secret, no pod: not a pod without auth"
+    required = by_name(classifier["env"], "MALARIA_REQUIRE_TOKEN")["value"]
+    with pytest.raises(ValueError, match="refusing to serve without auth"):
+        Settings(require_token=required)
 
 
 def test_service_selects_the_deployment_pods_and_maps_80_to_3000(manifests, deployment, classifier):
@@ -351,9 +354,9 @@ def test_compose_services_and_images(compose):
 
 def test_compose_ports(compose):
     services = compose["services"]
-    assert services["classifier"]["ports"] == ["3000:3000"]
-    assert services["mlflow"]["ports"] == ["5000:5000"]
-    assert services["prefect"]["ports"] == ["4200:4200"]
+    assert services["classifier"]["ports"] == ["${MALARIA_BIND:-127.0.0.1}:3000:3000"]
+    assert services["mlflow"]["ports"] == ["${MALARIA_BIND:-127.0.0.1}:5000:5000"]
+    assert services["prefect"]["ports"] == ["${MALARIA_BIND:-127.0.0.1}:4200:4200"]
     assert "ports" not in services["postgres"], "the database stays on the compose network"
 
 
@@ -436,7 +439,7 @@ def test_compose_flows_reach_prefect_and_mlflow_by_service_name(compose):
     for variable, service, path in (("PREFECT_API_URL", "prefect", "/api"), ("MLFLOW_TRACKING_URI", "mlflow", "")):
         url = urlparse(env[variable])
         assert url.hostname == service and url.path == path, variable
-        assert f"{url.port}:{url.port}" in services[service]["ports"], variable
+        assert f"${{MALARIA_BIND:-127.0.0.1}}:{url.port}:{url.port}" in services[service]["ports"], variable
     assert f"{flows['working_dir']}/reports" in [t for s, t, _ in short_volumes(flows) if s == "reports"]
 
 

@@ -108,6 +108,19 @@ def test_a_token_from_a_secret_file_loses_its_trailing_newline(monkeypatch):
         Settings()
 
 
+def test_a_required_token_that_is_missing_stops_the_service_from_starting(monkeypatch):
+    from pydantic import ValidationError
+
+    from malaria.config import Settings
+
+    monkeypatch.delenv("MALARIA_API_TOKEN", raising=False)
+    monkeypatch.setenv("MALARIA_REQUIRE_TOKEN", "true")
+    with pytest.raises(ValidationError, match="MALARIA_REQUIRE_TOKEN is set but MALARIA_API_TOKEN is not"):
+        Settings()
+    monkeypatch.setenv("MALARIA_API_TOKEN", "s3cret")
+    assert Settings().api_token == "s3cret"
+
+
 @pytest.mark.parametrize("api_token", ["s3cret", None])
 def test_a_metrics_token_guards_metrics_alone_and_opens_nothing_else(api_token):
     app = BearerAuthMiddleware(stub_app, token=api_token, metrics_token="scrape")
