@@ -1,4 +1,5 @@
-"""Realistic traffic on the service: single images on /predict, lists on /classify and /batch_predict.
+"""Realistic traffic on the service: single images on /predict, lists on /classify and /batch_predict,
+and (``HostileUser``, one in ten users) the malformed and oversized requests a public endpoint meets.
 
 Headless, with CSV output:
     locust -f load_tests/locustfile.py --host http://127.0.0.1:3000 --headless -u 32 -r 8 -t 2m \
@@ -38,6 +39,7 @@ def _files(field: str, count: int) -> list[tuple[str, tuple[str, bytes, str]]]:
 class LabUser(HttpUser):
     """A lab client: mostly single cells, sometimes a slide's worth at once."""
 
+    weight = 9
     wait_time = between(0.0, 0.05)
 
     @task(8)
@@ -55,3 +57,42 @@ class LabUser(HttpUser):
         with self.client.post("/batch_predict", files=_files("images", 8), headers=HEADERS, catch_response=True) as r:
             if r.status_code == 200 and r.json()["summary"]["total"] != 8:
                 r.failure("summary does not count 8 images")
+
+
+# A hostile request and the status it must get: always a 4xx with a JSON message, never a 5xx.
+HOSTILE = {
+    "not an image": ({"files": [("image", ("x.png", b"not an image", "image/png"))]}, 400),
+    "empty file": ({"files": [("image", ("x.png", b"", "image/png"))]}, 400),
+    "text in a file field": ({"data": {"image": "https://example.org/cell.png"}}, 400),
+    "wrong field name": ({"files": [("picture", ("x.png", b"\x89PNG\r\n", "image/png"))]}, 400),
+    "two files for one": (
+        {"files": [("image", ("a.png", b"a", "image/png")), ("image", ("b.png", b"b", "image/png"))]},
+        400,
+    ),
+    "no body": ({}, 400),
+}
+
+
+class HostileUser(HttpUser):
+    """Malformed requests beside the lab traffic: each must be answered with its 4xx, quickly."""
+
+    weight = 1  # against LabUser's 9: one user in ten
+    wait_time = between(0.0, 0.05)
+
+    @task(6)
+    def malformed(self) -> None:
+        kind = random.choice(list(HOSTILE))
+        request, expected = HOSTILE[kind]
+        with self.client.post(
+            "/predict", headers=HEADERS, name=f"hostile: {kind}", catch_response=True, **request
+        ) as r:
+            if r.status_code != expected or "error" not in r.text:
+                r.failure(f"{kind}: {r.status_code}, expected {expected} with a message")
+            else:
+                r.success()
+
+    @task(1)
+    def made_up_path(self) -> None:
+        path = f"/no-such-route-{random.randrange(10**6)}"
+        with self.client.get(path, name="hostile: made-up path", catch_response=True) as r:
+            r.success() if r.status_code == 404 else r.failure(f"{path}: {r.status_code}")
