@@ -323,12 +323,19 @@ def test_prediction_log_starts_a_file_each_day_and_deletes_days_past_keep_days(t
     today = [datetime(2026, 3, 1, 23, 59, tzinfo=UTC)]
     log = PredictionLog(tmp_path, keep_days=7, max_file_bytes=60, clock=lambda: today[0])
 
+    def written(request_id: str) -> bool:
+        for path in tmp_path.glob("predictions-*.jsonl"):
+            try:
+                if request_id in path.read_text():
+                    return True
+            except FileNotFoundError:  # a past day's file, deleted by the writer since the glob
+                continue
+        return False
+
     def write(request_id: str) -> None:
         log.record_lines([{"request_id": request_id}])
         deadline = time.monotonic() + 10
-        while time.monotonic() < deadline:  # one write at a time: wait until the writer has written it
-            if any(request_id in path.read_text() for path in tmp_path.glob("predictions-*.jsonl")):
-                return
+        while time.monotonic() < deadline and not written(request_id):  # one write at a time
             time.sleep(0.01)
 
     for i in range(3):
