@@ -68,7 +68,7 @@ from malaria.spec import ModelSpec, review_flag
 
 logger = logging.getLogger(__name__)
 settings = get_settings()
-harden_multipart_parsing()
+harden_multipart_parsing(settings.max_images_per_request)
 compat.cache_response_media_types()
 compat.bound_endpoint_labels(mounted=(UI_PATH,))
 MODEL = bentoml.models.BentoModel(f"{settings.bento_model_name}:latest")

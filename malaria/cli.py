@@ -5,12 +5,15 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import Annotated, NoReturn, cast
+from typing import TYPE_CHECKING, Annotated, NoReturn, cast
 
 import typer
 
 from malaria.config import Settings, get_settings
 from malaria.logging_setup import configure_logging
+
+if TYPE_CHECKING:
+    from malaria.registry import ChampionGate
 
 # Prefect's temporary local server otherwise logs a harmless telemetry lock error.
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
@@ -128,7 +131,13 @@ def register(
     force: Annotated[bool, typer.Option(help="Move @champion even if not better.")] = False,
 ) -> None:
     """Register an existing Keras model after checking that it loads safely and fits the contract."""
-    from malaria.registry import RegistryError, check_keras_model, log_model_version, read_label_sidecar
+    from malaria.registry import (
+        RegistryError,
+        TrainingRun,
+        check_keras_model,
+        log_register_and_gate,
+        read_label_sidecar,
+    )
 
     settings = _settings()
 
@@ -140,37 +149,30 @@ def register(
         keras_model, spec = check_keras_model(
             model, [c.strip() for c in class_names], sigmoid_class or sidecar.get("sigmoid_class")
         )
-        return log_model_version(
-            keras_model,
-            spec,
-            settings,
-            params={"source": str(model)},
-            tags={"origin": "external"},
-            force=force,
-            **_validation_gate(settings, keras_model, spec),
-        )
+        metrics, gate = _validation_gate(settings, keras_model, spec)
+        gate.force = force
+        run = TrainingRun(params={"source": str(model)}, metrics=metrics, tags={"origin": "external"})
+        return log_register_and_gate(keras_model, spec, settings, run, gate)
 
     record = _guarded(run)
     typer.echo(f"registered {record.name} version {record.version}" + (" (champion)" if record.is_champion else ""))
 
 
-def _validation_gate(settings: Settings, model, spec) -> dict:
-    """Validation metrics of a model on the current split, and what the champion gate compares them with."""
+def _validation_gate(settings: Settings, model, spec) -> tuple[dict[str, float], ChampionGate]:
+    """Validation metrics of a model on the current split, and the champion gate that compares them."""
+    from malaria.registry import ChampionGate
+
     if not settings.splits_path.is_file():
-        return {"metrics": {}}
+        return {}, ChampionGate()
     from malaria import evaluation
     from malaria.data import images_fingerprint, read_manifest, source_roots
-    from malaria.registry import VALIDATION_SET_TAG
     from malaria.train import load_split, predict_probability, validation_scorer
 
     roots = source_roots(settings)
     val = load_split(read_manifest(settings.splits_path), roots, "val", spec, None, settings.seed)
     probability = predict_probability(model, val.images, spec)
-    return {
-        "metrics": {f"val_{k}": v for k, v in evaluation.classification_metrics(val.labels, probability).items()},
-        "version_tags": {VALIDATION_SET_TAG: images_fingerprint(val.frame)},
-        "rescore_champion": validation_scorer(settings, roots, val),
-    }
+    metrics = {f"val_{k}": v for k, v in evaluation.classification_metrics(val.labels, probability).items()}
+    return metrics, ChampionGate(images_fingerprint(val.frame), validation_scorer(settings, roots, val))
 
 
 @app.command("import-model")

@@ -177,11 +177,13 @@ class Settings(BaseSettings):
     max_requests_per_connection: int = Field(
         default=16, description="Close a keep-alive connection after this many requests (0: never)."
     )
+    # A cell crop is tens of KB (the shared NIH crops: 3.8-20 KB, 128x128 px); a 16-bit TIFF crop of a
+    # 50 Mpx phone field at 100x is about 400x400 px, 1 MB. The limits leave four times that.
     max_image_bytes: int = Field(
-        default=10 * 1024 * 1024, description="Largest cell image file on /predict, /classify, /batch_predict."
+        default=4 * 1024 * 1024, description="Largest cell image file on /predict, /classify, /batch_predict."
     )
     max_image_pixels: int = Field(
-        default=25_000_000, description="Largest cell image in pixels (a decompression-bomb guard)."
+        default=2048 * 2048, description="Largest cell image in pixels (a decompression-bomb guard)."
     )
     max_images_per_request: int = Field(
         default=64, description="Most files in one /classify or /batch_predict request."

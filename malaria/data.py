@@ -393,6 +393,9 @@ def prepare(settings: Settings) -> tuple[pd.DataFrame, ValidationReport]:
     if settings.feedback_dir is not None:
         feedback = feedback_source(settings.feedback_dir, settings.seed, settings.val_fraction, settings.test_fraction)
         frame = pd.concat([frame, feedback[frame.columns]], ignore_index=True)
+    # The manifest names each file's content, so it is the whole input of training: DVC's `train`
+    # stage depends on it, whichever folder MALARIA_DATA_DIR (or the smear or feedback source) names.
+    frame["sha256"] = [_sha256(path) for path in image_paths(frame, source_roots(settings))]
     write_manifest(frame, settings.splits_path)
     (settings.workspace_data_dir / "validation_report.json").write_text(
         json.dumps({"source": str(root), **report.to_dict()}, indent=2)

@@ -85,37 +85,47 @@ def _example_png(spec: ModelSpec) -> bytes:
     return buffer.getvalue()
 
 
-def log_model_version(
-    model,
-    spec: ModelSpec,
-    settings: Settings,
-    params: dict | None = None,
-    metrics: dict[str, float] | None = None,
-    history: dict[str, list[float]] | None = None,
-    artifacts_dir: Path | None = None,
-    tags: dict[str, str] | None = None,
-    force: bool = False,
-    version_tags: dict[str, str] | None = None,
-    rescore_champion: Callable[[RegisteredVersion], float] | None = None,
-    reference_images: np.ndarray | None = None,
-) -> RegisteredVersion:
-    """Log a Keras model with its spec, params, metrics and artifacts; register it; gate ``champion``.
+@dataclass
+class TrainingRun:
+    """What a run logs beside its model (parameters, final metrics, per-epoch history, artifacts, run
+    tags), and the tags its registered version gets (e.g. which images it was split on)."""
 
-    ``version_tags[VALIDATION_SET_TAG]`` names the images behind the ``val_`` metrics;
-    ``rescore_champion`` measures the gate metric of a champion validated on other images on this
-    version's validation images; ``reference_images`` (preprocessed) are saved with their outputs for
-    the import's conversion gate.
+    params: dict = field(default_factory=dict)
+    metrics: dict[str, float] = field(default_factory=dict)
+    history: dict[str, list[float]] = field(default_factory=dict)
+    artifacts_dir: Path | None = None
+    tags: dict[str, str] = field(default_factory=dict)
+    version_tags: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass
+class ChampionGate:
+    """How a new version is judged against ``champion``: on which validation images, and how to score a
+    champion validated on other images on these (``force`` moves the alias regardless)."""
+
+    validation_set: str | None = None
+    rescore_champion: Callable[[RegisteredVersion], float] | None = None
+    force: bool = False
+
+
+def log_run(
+    model, spec: ModelSpec, settings: Settings, run: TrainingRun, reference_images: np.ndarray | None = None
+) -> tuple[str, str]:
+    """Log one MLflow run: params, metrics, history, artifacts, the spec, the bare Keras model and the
+    pipeline model; returns the run id and the pipeline's model URI (not registered yet).
+
+    ``reference_images`` (preprocessed) are saved with their outputs for the import's conversion gate.
     """
     import mlflow
 
     from malaria.pyfunc import log_pipeline
 
-    mlflow_client = client(settings)
-    metrics = {k: v for k, v in (metrics or {}).items() if v == v}  # drop NaN
-    with mlflow.start_run(tags=tags) as run:
-        if params:
-            mlflow.log_params(params)
-        for key, values in (history or {}).items():
+    client(settings)  # the tracking store and experiment
+    metrics = {k: v for k, v in run.metrics.items() if v == v}  # drop NaN
+    with mlflow.start_run(tags=run.tags or None) as active:
+        if run.params:
+            mlflow.log_params(run.params)
+        for key, values in run.history.items():
             for step, value in enumerate(values):
                 mlflow.log_metric(
                     key.replace("val_", "epoch_val_") if key.startswith("val_") else f"epoch_{key}",
@@ -124,23 +134,55 @@ def log_model_version(
                 )
         if metrics:
             mlflow.log_metrics(metrics)
-        if artifacts_dir is not None and artifacts_dir.is_dir():
-            mlflow.log_artifacts(str(artifacts_dir), artifact_path="training_artifacts")
+        if run.artifacts_dir is not None and run.artifacts_dir.is_dir():
+            mlflow.log_artifacts(str(run.artifacts_dir), artifact_path="training_artifacts")
         mlflow.log_dict(spec.model_dump(mode="json"), "model_spec.json")
         # The Keras flavour for whoever wants the bare network (tensors in, raw sigmoid out); the
         # registered version is the pipeline, which answers like the service (malaria/pyfunc.py).
         mlflow.keras.log_model(model, name=KERAS_MODEL_NAME, signature=_signature(spec))
-        info = log_pipeline(
-            model, spec, settings.registered_model_name, _example_png(spec), reference_images=reference_images
-        )
-    version = str(info.registered_model_version)
-    version_tags = {SPEC_TAG: spec.to_json(), **(version_tags or {})}
-    for key, tag in version_tags.items():
-        mlflow_client.set_model_version_tag(settings.registered_model_name, version, key, tag)
-    validation_set = version_tags.get(VALIDATION_SET_TAG)
-    promoted = promote_if_better(settings, version, metrics, force, validation_set, rescore_champion)
+        info = log_pipeline(model, spec, None, _example_png(spec), reference_images=reference_images)
+    return active.info.run_id, info.model_uri
+
+
+def register_version(
+    settings: Settings,
+    model_uri: str,
+    run_id: str,
+    spec: ModelSpec,
+    metrics: dict[str, float],
+    version_tags: dict[str, str] | None = None,
+) -> RegisteredVersion:
+    """Register a logged pipeline model as a new version, its spec and ``version_tags`` as version tags."""
+    import mlflow
+
     name = settings.registered_model_name
-    return RegisteredVersion(name, version, run.info.run_id, spec, metrics, promoted, version_tags)
+    mlflow_client = client(settings)
+    version = str(mlflow.register_model(model_uri, name).version)
+    tags = {SPEC_TAG: spec.to_json(), **(version_tags or {})}
+    for key, tag in tags.items():
+        mlflow_client.set_model_version_tag(name, version, key, tag)
+    kept = {k: v for k, v in metrics.items() if v == v}
+    return RegisteredVersion(name, version, run_id, spec, kept, False, tags)
+
+
+def log_register_and_gate(
+    model,
+    spec: ModelSpec,
+    settings: Settings,
+    run: TrainingRun,
+    gate: ChampionGate,
+    reference_images: np.ndarray | None = None,
+) -> RegisteredVersion:
+    """The three steps of a new model: log the run, register the version, promote it if it passes the gate."""
+    run_id, model_uri = log_run(model, spec, settings, run, reference_images)
+    version_tags = dict(run.version_tags)
+    if gate.validation_set is not None:
+        version_tags[VALIDATION_SET_TAG] = gate.validation_set
+    record = register_version(settings, model_uri, run_id, spec, run.metrics, version_tags)
+    record.is_champion = promote_if_better(
+        settings, record.version, record.metrics, gate.force, gate.validation_set, gate.rescore_champion
+    )
+    return record
 
 
 def champion_version(settings: Settings) -> str | None:

@@ -36,7 +36,14 @@ from malaria.model import (
     recompute_batch_norm_statistics,
 )
 from malaria.monitoring import image_features_batch
-from malaria.registry import SPLIT_TAG, VALIDATION_SET_TAG, RegisteredVersion, load_keras_model, log_model_version
+from malaria.registry import (
+    SPLIT_TAG,
+    ChampionGate,
+    RegisteredVersion,
+    TrainingRun,
+    load_keras_model,
+    log_register_and_gate,
+)
 from malaria.spec import ModelSpec
 
 logger = logging.getLogger(__name__)
@@ -260,17 +267,22 @@ def train(settings: Settings, force: bool = False) -> RegisteredVersion:
         "data_source": str(roots["nih"]),
         "sources": ",".join(sources),
     }
-    record = log_model_version(
+    record = log_register_and_gate(
         model,
         spec,
         settings,
-        params=params,
-        metrics=metrics,
-        history=history,
-        artifacts_dir=artifacts,
-        force=force,
-        version_tags={VALIDATION_SET_TAG: images_fingerprint(val_data.frame), SPLIT_TAG: images_fingerprint(manifest)},
-        rescore_champion=validation_scorer(settings, roots, val_data),
+        TrainingRun(
+            params=params,
+            metrics=metrics,
+            history=history,
+            artifacts_dir=artifacts,
+            version_tags={SPLIT_TAG: images_fingerprint(manifest)},
+        ),
+        ChampionGate(
+            validation_set=images_fingerprint(val_data.frame),
+            rescore_champion=validation_scorer(settings, roots, val_data),
+            force=force,
+        ),
         reference_images=val_data.images[:REFERENCE_IMAGES],
     )
     (settings.artifacts_dir / "registered.json").write_text(

@@ -15,6 +15,8 @@ from bentoml.exceptions import BentoMLException, InvalidArgument
 from PIL import Image
 from pydantic_core import PydanticCustomError, core_schema
 from starlette.datastructures import UploadFile
+from starlette.exceptions import HTTPException
+from starlette.formparsers import MultiPartException
 
 from malaria.config import Settings
 from malaria.preprocess import ALLOWED_FORMATS, ImageTooLargeError, InvalidImageError, decode_image, to_model_input
@@ -186,23 +188,57 @@ def new_request_id(headers) -> str:
     return given if 0 < len(given) <= 128 and given.isprintable() else uuid.uuid4().hex
 
 
-def harden_multipart_parsing() -> None:
-    """Answer 400, not 500, to a multipart file sent under a field name the endpoint does not take,
-    and to text sent in a file field.
+MAX_TEXT_FIELDS = (
+    16  # text parts of one form: the routes declare at most 4 (a smear field's size, a box, a label, a note)
+)
+MAX_TEXT_PART_BYTES = 64 * 1024  # one text part held in memory: the longest declared one is 128 characters
 
+
+def files_allowed(cls, max_images_per_request: int) -> int:
+    """How many file parts a route's form may hold: one per file field, the list limit for a list field."""
+    return sum(
+        max_images_per_request if compat.takes_a_list(cls.model_fields[field].annotation) else 1
+        for field in cls.multipart_fields
+    )
+
+
+def harden_multipart_parsing(max_images_per_request: int) -> None:
+    """Bound a form at parse time, per route, and answer 4xx, not 500, to a malformed one.
+
+    Starlette parses a whole form before BentoML sees it, by default up to 1,000 files and 1,000 text
+    parts of 1 MB each held in memory, so a count checked afterwards comes too late: the parser now
+    stops at the route's own number of files (one per file field, ``max_images_per_request`` for a
+    list field; one more is let through so the count check can name it), ``MAX_TEXT_FIELDS`` text
+    parts and ``MAX_TEXT_PART_BYTES`` per text part (413).
     BentoML 1.4 JSON-decodes every unknown form part as text, and a binary part raises
     ``UnicodeDecodeError`` there, which its error handler turns into a 500. Text in a file field is
     taken as a URL that the server downloads (or fails to: a 500).
     """
     base = compat.multipart_serde_base()
     if getattr(base, "hardened", False):
+        setattr(base, "max_images_per_request", max_images_per_request)  # noqa: B010 - a class found at run time
         return
 
     class HardenedMultipartSerde(base):  # type: ignore[valid-type, misc]  # BentoML's class, found at run time
         hardened = True
 
         async def parse_request(self, request, cls):
-            form = await request.form()  # Starlette caches it: the base class reads the same form
+            most_files = files_allowed(cls, self.max_images_per_request)
+            try:
+                # Starlette caches the form: the base class reads this one, parsed under these bounds.
+                # One file over the route's number, so that the checks below can still name the field
+                # and the count ("takes one file, got 2"); past that the parser stops reading.
+                form = await request.form(
+                    max_files=most_files + 1, max_fields=MAX_TEXT_FIELDS, max_part_size=MAX_TEXT_PART_BYTES
+                )
+            except (MultiPartException, HTTPException) as exc:
+                message = getattr(exc, "detail", None) or getattr(exc, "message", None) or str(exc)
+                if message.startswith(("Too many", "Part exceeded", "Field exceeded")):
+                    raise PayloadTooLarge(
+                        f"form over this endpoint's limit ({most_files} files, {MAX_TEXT_FIELDS} text fields "
+                        f"of at most {MAX_TEXT_PART_BYTES // 1024} KB): {message}"
+                    ) from exc
+                raise InvalidArgument(f"malformed form: {message}") from exc
             for field in cls.multipart_fields:
                 values = form.getlist(field)
                 if any(not isinstance(value, UploadFile) for value in values):
@@ -217,6 +253,7 @@ def harden_multipart_parsing() -> None:
                 fields = ", ".join(name for name in cls.model_fields if not name.startswith("_"))
                 raise InvalidArgument(f"unexpected file field; this endpoint takes: {fields}") from exc
 
+    HardenedMultipartSerde.max_images_per_request = max_images_per_request
     compat.install_form_serde(HardenedMultipartSerde)
 
 

@@ -10,7 +10,7 @@ import pytest
 
 from malaria.bento import import_model
 from malaria.evaluate import evaluate_model
-from malaria.registry import get_version, log_model_version
+from malaria.registry import ChampionGate, TrainingRun, get_version, log_register_and_gate
 from tests.helpers import Server
 
 pytestmark = pytest.mark.slow
@@ -21,7 +21,7 @@ def test_the_threshold_and_band_chosen_by_evaluate_are_the_ones_served(champion,
     # A registry of its own (the champion's network registered again), so the session's champion keeps its spec.
     own = settings.model_copy(update={"registered_model_name": "evaluate-chain", "bento_model_name": "evaluate-chain"})
     network = keras.saving.load_model(settings.artifacts_dir / "model.keras", compile=False)
-    log_model_version(network, record.spec, own, force=True)
+    log_register_and_gate(network, record.spec, own, TrainingRun(), ChampionGate(force=True))
 
     result = evaluate_model(own, out_dir=tmp_path / "evaluation", objective="youden", target_accuracy=0.999)
     chosen = result.spec

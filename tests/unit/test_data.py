@@ -120,6 +120,26 @@ def test_prepare_writes_manifest_and_report(synthetic_dir, settings_factory):
     assert (settings.workspace_data_dir / "validation_report.json").is_file()
 
 
+def test_the_manifest_names_each_images_content_so_dvc_sees_a_changed_image(synthetic_dir, settings_factory, tmp_path):
+    """dvc.yaml's `train` depends on the manifest, not on a folder: an image edited in place must change it."""
+    import hashlib
+
+    cells = tmp_path / "cells"
+    shutil.copytree(synthetic_dir, cells)
+    settings = settings_factory(data_dir=cells)
+    prepare(settings)
+    before = settings.splits_path.read_bytes()
+    manifest = read_manifest(settings.splits_path)
+    first = manifest.iloc[0]
+    assert hashlib.sha256((cells / first["path"]).read_bytes()).hexdigest() == first["sha256"]
+    prepare(settings)
+    assert settings.splits_path.read_bytes() == before  # deterministic: an unchanged folder leaves it as it was
+    image = cells / first["path"]
+    image.write_bytes(image.read_bytes() + b"\0")  # same name, same split, other content
+    prepare(settings)
+    assert settings.splits_path.read_bytes() != before
+
+
 def test_the_manifest_survives_a_move_of_the_data_folder(synthetic_dir, settings_factory, tmp_path):
     """Paths are stored relative to the data folder: moving it changes neither the split nor its fingerprint."""
     first = tmp_path / "here" / "cells"
