@@ -365,11 +365,20 @@ def deploy_flows() -> None:
 
 
 @app.command()
-def champion() -> None:
-    """Show the current champion: version, run, spec and metrics."""
-    from malaria.registry import get_version
+def champion(
+    set_version: Annotated[
+        str | None,
+        typer.Option("--set", help="Point @champion at this registered version (a rollback; no gate)."),
+    ] = None,
+) -> None:
+    """Show the current champion: version, run, spec and metrics (``--set V`` moves the alias first)."""
+    from malaria.registry import get_version, set_champion
 
-    record = _guarded(lambda: get_version(_settings()))
+    settings = _settings()
+    if set_version is not None:
+        previous = _guarded(lambda: set_champion(settings, set_version))
+        typer.echo(f"@{settings.champion_alias}: version {previous or 'none'} -> {set_version}", err=True)
+    record = _guarded(lambda: get_version(settings))
     typer.echo(
         json.dumps(
             {

@@ -242,6 +242,20 @@ def promote_if_better(
     return True
 
 
+def set_champion(settings: Settings, version: str) -> str | None:
+    """Point ``champion`` at a registered ``version`` without the gate (a rollback); returns the previous one."""
+    from mlflow.exceptions import MlflowException
+
+    previous = champion_version(settings)
+    try:
+        client(settings).get_model_version(settings.registered_model_name, version)
+    except MlflowException as exc:
+        raise RegistryError(f"{settings.registered_model_name} has no version {version!r}") from exc
+    client(settings).set_registered_model_alias(settings.registered_model_name, settings.champion_alias, version)
+    logger.info("@%s moved by hand: version %s -> %s", settings.champion_alias, previous or "none", version)
+    return previous
+
+
 def get_version(settings: Settings, version: str | None = None) -> RegisteredVersion:
     """A registered version (default: the champion) with its spec and run metrics."""
     import mlflow

@@ -4,7 +4,9 @@ Checks: `/readyz` within the timeout; `/classify` and `/predict` answer for held
 the same labels and probabilities as the same model run in-process with the runtime and precision
 the image reports in `/model_info` (the image's model is the one in
 the local BentoML store that `make image` packaged), and mostly the true labels; `/model_info` names
-that model; SIGTERM stops the server with exit code 0 and leaves no process behind.
+that model; SIGTERM stops the server with exit code 0 and leaves no process behind. With buildah,
+the server runs with the file-system settings of the Kubernetes Deployment, whose root file system
+is read-only: any file it writes outside the Deployment's volumes fails the smoke.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ import urllib.request
 from pathlib import Path
 
 import numpy as np
+import yaml
 
 from malaria.bento import load_runtime, stored_spec
 from malaria.client import MalariaClient
@@ -38,6 +41,20 @@ def read_image_env(path: Path = Path("dist/image.env")) -> dict[str, str]:
     if not path.is_file():
         sys.exit(f"{path} not found: run `make image` first")
     return dict(line.split("=", 1) for line in path.read_text().split())
+
+
+DEPLOYMENT = Path("deploy/k8s/deployment.yaml")
+FILE_SYSTEM_ENV = ("BENTOML_HOME", "PYTHONDONTWRITEBYTECODE", "MALARIA_PREDICTION_LOG_DIR")
+RUNTIME_FILES = {"/etc/hosts", "/etc/resolv.conf", "/etc/hostname", "/run/.containerenv"}  # written by buildah
+
+
+def pod_file_system(path: Path = DEPLOYMENT) -> tuple[dict[str, str], list[str]]:
+    """The classifier's file-system settings in the Deployment, and the paths it may write (its volumes)."""
+    deployment = yaml.safe_load(path.read_text())
+    [container] = [c for c in deployment["spec"]["template"]["spec"]["containers"] if c["name"] == "classifier"]
+    assert container["securityContext"]["readOnlyRootFilesystem"] is True
+    env = {e["name"]: e["value"] for e in container["env"] if e["name"] in FILE_SYSTEM_ENV}
+    return env, [m["mountPath"] for m in container["volumeMounts"] if not m.get("readOnly")]
 
 
 def held_out_cells(per_class: int) -> tuple[list[Path], list[str]]:
@@ -60,11 +77,19 @@ class BuildahContainer:
             ["buildah", "from", f"localhost/{image}"], check=True, capture_output=True, text=True
         ).stdout.strip()
         self.log = log
+        env, self.writable = pod_file_system()
+        # The Deployment's volumes, created as its fsGroup would leave them: writable by the server.
+        prepare = " && ".join(f"mkdir -p {p} && chmod 1777 {p}" for p in self.writable if p != "/tmp")
+        subprocess.run(["buildah", "run", "--user", "0:0", self.name, "--", "sh", "-c", prepare], check=True)
         # `buildah run` does not apply ENTRYPOINT; `exec` makes the printed PID bentoml serve's own.
         command = 'echo "SERVER_PID=$$"; exec /home/bentoml/bento/env/docker/entrypoint.sh'
+        options = [
+            arg for key, value in {**env, "BENTOML_PORT": str(port)}.items() for arg in ("--env", f"{key}={value}")
+        ]
+        self.started = time.time()
         with log.open("w") as out:
             self.process = subprocess.Popen(
-                ["buildah", "run", "--env", f"BENTOML_PORT={port}", self.name, "--", "sh", "-c", command],
+                ["buildah", "run", *options, self.name, "--", "sh", "-c", command],
                 stdout=out,
                 stderr=subprocess.STDOUT,
             )
@@ -109,6 +134,23 @@ class BuildahContainer:
         if code is None:
             raise RuntimeError("the server did not stop within 60 s of SIGTERM")
         return code
+
+    def writes_outside_volumes(self) -> list[str]:
+        """Files the server created or changed outside the Deployment's volumes (read-only there)."""
+        root = Path(self.root)
+        found = []
+        for path in root.rglob("*"):
+            inside = "/" + str(path.relative_to(root))
+            if inside.startswith(("/proc/", "/sys/", "/dev/")) or inside in RUNTIME_FILES:
+                continue
+            if any(inside == w or inside.startswith(w.rstrip("/") + "/") for w in self.writable):
+                continue
+            try:
+                if path.is_file() and path.lstat().st_mtime > self.started:
+                    found.append(inside)
+            except OSError:
+                continue
+        return found
 
     def processes_inside(self) -> list[int]:
         """PIDs whose root directory is this run's file system."""
@@ -212,6 +254,7 @@ def main() -> None:
             answers = client.classify(paths)
             single = client.predict(paths[0])
             info = client.model_info()
+        stray_writes = container.writes_outside_volumes() if isinstance(container, BuildahContainer) else []
     finally:
         exit_code = container.stop()
     stopped_s = time.monotonic() - started
@@ -237,6 +280,8 @@ def main() -> None:
         failures.append(f"/model_info serves {info['bento_model']}, the image packaged {model_tag}")
     if exit_code != 0:
         failures.append(f"server exit code {exit_code} after SIGTERM")
+    if stray_writes:
+        failures.append(f"writes outside the Deployment's volumes (its root is read-only): {stray_writes[:20]}")
     flows_failure = check_flows_image(image_env["FLOWS_IMAGE"], backend)
     if flows_failure:
         failures.append(flows_failure)

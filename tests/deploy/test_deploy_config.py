@@ -29,7 +29,7 @@ K8S_DIR = ROOT / "deploy" / "k8s"
 COMPOSE_FILE = ROOT / "compose.yaml"
 WORKFLOW_FILES = sorted((ROOT / ".github" / "workflows").glob("*.y*ml"))
 K8S_VERSION = kubernetes_validate.latest_version()  # the newest schema set the package ships
-MANIFESTS = ["deployment.yaml", "service.yaml", "hpa.yaml"]
+MANIFESTS = ["deployment.yaml", "service.yaml", "hpa.yaml", "pdb.yaml", "networkpolicy.yaml"]
 LOG_DIR = "/var/log/malaria/predictions"
 
 
@@ -152,18 +152,21 @@ def test_strict_schema_validation_rejects_a_misspelt_field(deployment):
         k8s_validate(broken)
 
 
-def test_kustomization_applies_the_three_manifests_and_not_the_gpu_patch():
+def test_kustomization_applies_the_manifests_and_not_the_gpu_patch():
     kustomization = load_yaml(K8S_DIR / "kustomization.yaml")
     assert kustomization["kind"] == "Kustomization"
     assert sorted(kustomization["resources"]) == sorted(MANIFESTS)
     assert all((K8S_DIR / name).is_file() for name in kustomization["resources"])
     patches = [p.get("path") for p in kustomization.get("patches") or []]
     assert "gpu-patch.yaml" not in patches + kustomization["resources"]
-    assert [i["name"] for i in kustomization.get("images", [])] == ["malaria-classifier"]
+    [image] = kustomization["images"]
+    version = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["version"]
+    # A release version (what a v* tag publishes), never `latest`: a rollback names the previous one.
+    assert image == {"name": "malaria-classifier", "newTag": version} and version != "latest"
 
 
 def test_classifier_runs_the_bento_image_on_port_3000(classifier):
-    assert classifier["image"] == "malaria-classifier:latest"
+    assert classifier["image"] == "malaria-classifier"  # tagged by kustomization.yaml
     assert "command" not in classifier and "args" not in classifier  # BentoML's entrypoint serves the bento
     assert [p["containerPort"] for p in classifier["ports"]] == [3000]
 
@@ -214,6 +217,46 @@ def test_prediction_log_is_on_a_volume_that_a_sidecar_ships(deployment, classifi
     assert sidecar_mount["mountPath"] == mount["mountPath"] and sidecar_mount.get("readOnly") is True
     script = " ".join(sidecars[0]["command"] + sidecars[0].get("args", []))
     assert "tail" in script and ".jsonl" in script and LOG_DIR in script
+
+
+def test_the_pod_writes_only_to_its_bounded_volumes_and_holds_no_cluster_token(deployment, classifier):
+    pod = deployment["spec"]["template"]["spec"]
+    assert pod["automountServiceAccountToken"] is False
+    containers = pod["containers"] + pod.get("initContainers", [])
+    for container in containers:
+        assert container["securityContext"]["readOnlyRootFilesystem"] is True, container["name"]
+        assert container["securityContext"]["allowPrivilegeEscalation"] is False, container["name"]
+        requests, limits = container["resources"]["requests"], container["resources"]["limits"]
+        assert memory_bytes(requests["ephemeral-storage"]) <= memory_bytes(limits["ephemeral-storage"])
+    # What the classifier writes (BentoML's home, spooled uploads, the log) is on a mounted volume.
+    env = {e["name"]: e.get("value") for e in classifier["env"]}
+    mounts = {m["mountPath"]: m["name"] for m in classifier["volumeMounts"]}
+    for path in (env["BENTOML_HOME"], "/tmp", env["MALARIA_PREDICTION_LOG_DIR"]):
+        assert any(path == m or path.startswith(m + "/") for m in mounts), path
+    assert env["PYTHONDONTWRITEBYTECODE"] == "1"
+    # Each volume has a size limit, and the classifier's disk limit covers its volumes.
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    sizes = [memory_bytes(volumes[name]["emptyDir"]["sizeLimit"]) for name in mounts.values()]
+    assert sum(sizes) < memory_bytes(classifier["resources"]["limits"]["ephemeral-storage"])
+
+
+def test_a_drain_keeps_a_pod_serving(manifests, deployment):
+    pdb = manifests["pdb.yaml"]
+    pod_labels = deployment["spec"]["template"]["metadata"]["labels"]
+    assert pdb["spec"]["selector"]["matchLabels"].items() <= pod_labels.items()
+    assert 1 <= pdb["spec"]["minAvailable"] < manifests["hpa.yaml"]["spec"]["minReplicas"]
+
+
+def test_network_policy_admits_the_api_port_and_lets_out_dns_and_postgres_only(manifests, deployment, classifier):
+    policy = manifests["networkpolicy.yaml"]["spec"]
+    pod_labels = deployment["spec"]["template"]["metadata"]["labels"]
+    assert policy["podSelector"]["matchLabels"].items() <= pod_labels.items()
+    assert sorted(policy["policyTypes"]) == ["Egress", "Ingress"]
+    ingress_ports = {p["port"] for rule in policy["ingress"] for p in rule["ports"]}
+    assert ingress_ports == {p["containerPort"] for p in classifier["ports"]} == {3000}
+    egress = {(p["protocol"], p["port"]) for rule in policy["egress"] for p in rule["ports"]}
+    assert egress == {("UDP", 53), ("TCP", 53), ("TCP", 5432)}
+    assert all("to" not in rule or rule["to"] for rule in policy["egress"]), "an empty `to` would mean anywhere"
 
 
 def test_api_token_comes_from_a_required_secret_and_the_service_requires_it(classifier):
@@ -283,9 +326,14 @@ def _kustomize_build(directory: Path) -> list[dict]:
 
 def test_kustomize_build_renders_valid_resources():
     rendered = _kustomize_build(K8S_DIR)
-    assert sorted(d["kind"] for d in rendered) == ["Deployment", "HorizontalPodAutoscaler", "Service"]
+    kinds = ["Deployment", "HorizontalPodAutoscaler", "NetworkPolicy", "PodDisruptionBudget", "Service"]
+    assert sorted(d["kind"] for d in rendered) == kinds
     for resource in rendered:
         k8s_validate(resource)
+    [deployment] = [d for d in rendered if d["kind"] == "Deployment"]
+    images = [c["image"] for c in deployment["spec"]["template"]["spec"]["containers"]]
+    version = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["version"]
+    assert images == [f"malaria-classifier:{version}"]
 
 
 def test_kustomize_overlay_with_the_gpu_patch(tmp_path):
@@ -302,6 +350,20 @@ def test_kustomize_overlay_with_the_gpu_patch(tmp_path):
     container = by_name(deployment["spec"]["template"]["spec"]["containers"], "classifier")
     assert int(container["resources"]["limits"]["nvidia.com/gpu"]) == 1
     assert {"MALARIA_GPU", "MALARIA_PREDICTION_LOG_DIR", "MALARIA_API_TOKEN"} <= {e["name"] for e in container["env"]}
+
+
+def test_alert_rules_are_complete_and_their_runbooks_exist():
+    rules = load_yaml(ROOT / "deploy" / "prometheus" / "alerts.yml")
+    [group] = rules["groups"]
+    alerts = {rule["alert"]: rule for rule in group["rules"]}
+    assert {"MalariaClassifierErrors", "MalariaClassifierSlowCells", "MalariaPredictionLogDropping"} <= alerts.keys()
+    for name, rule in alerts.items():
+        assert rule["labels"]["severity"] in {"page", "ticket"}, name
+        assert rule["annotations"]["summary"], name
+        doc, anchor = rule["annotations"]["runbook"].split("#")
+        headings = re.findall(r"^#+ (.+)$", (ROOT / doc).read_text(), re.MULTILINE)
+        assert anchor in {h.lower().replace(" ", "-") for h in headings}, rule["annotations"]["runbook"]
+    assert "malaria_prediction_log_dropped_total" in alerts["MalariaPredictionLogDropping"]["expr"]
 
 
 # --------------------------------------------------------------------------------------------
@@ -535,9 +597,14 @@ def test_ci_image_job_builds_scans_and_pushes_only_on_tags(ci):
     # A published image carries the default recipe trained on real cells, never a 2-epoch or synthetic model.
     assert release["if"] == "startsWith(github.ref, 'refs/tags/v')" and "MALARIA_EPOCHS" not in release["env"]
     assert release["env"]["MALARIA_ALLOW_SYNTHETIC"] == "false"
-    [trivy] = [step for step in steps if step.get("uses", "").startswith("aquasecurity/trivy-action@")]
-    assert re.fullmatch(r"aquasecurity/trivy-action@[0-9a-f]{40}", trivy["uses"]), "pin the action by commit"
-    assert trivy["with"]["severity"] == "CRITICAL" and str(trivy["with"]["exit-code"]) == "1"
+    critical, high = [step for step in steps if step.get("uses", "").startswith("aquasecurity/trivy-action@")]
+    for trivy in (critical, high):
+        assert re.fullmatch(r"aquasecurity/trivy-action@[0-9a-f]{40}", trivy["uses"]), "pin the action by commit"
+        assert str(trivy["with"]["exit-code"]) == "1" and trivy["with"]["trivyignores"] == ".trivyignore"
+    # Any CRITICAL fails, fixed or not; a HIGH fails once a fix exists.
+    assert critical["with"]["severity"] == "CRITICAL" and critical["with"]["ignore-unfixed"] is False
+    assert high["with"]["severity"] == "HIGH" and high["with"]["ignore-unfixed"] is True
+    assert (ROOT / ".trivyignore").is_file()
     order = [
         next(i for i, s in enumerate(steps) if marker in json.dumps(s)) for marker in ("make image-smoke", "trivy")
     ]
@@ -553,6 +620,27 @@ def test_ci_image_job_builds_scans_and_pushes_only_on_tags(ci):
     login = next(step for step in publishing if "uses" in step)
     assert login["with"]["registry"] == "ghcr.io"
     assert image["permissions"]["packages"] == "write"
+
+
+@pytest.mark.parametrize(
+    ("checksum", "passes"), [("", False), ("not-a-sha", False), ("0" * 63, False), ("ab" * 32, True)]
+)
+def test_a_release_stops_before_training_without_a_pinned_data_checksum(ci, checksum, passes):
+    steps = ci["jobs"]["image"]["steps"]
+    [check] = [step for step in steps if step.get("name") == "Release data checksum"]
+    release = next(i for i, step in enumerate(steps) if step.get("name") == "Model into the BentoML store (release)")
+    assert steps.index(check) < release and check["if"] == "startsWith(github.ref, 'refs/tags/v')"
+    assert check["env"]["MALARIA_NIH_ARCHIVE_SHA256"] == "${{ secrets.NIH_ARCHIVE_SHA256 }}"
+    result = subprocess.run(
+        ["bash", "-e", "-c", check["run"]],
+        env={"PATH": os.environ["PATH"], "MALARIA_NIH_ARCHIVE_SHA256": checksum},
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert (result.returncode == 0) == passes, result.stdout
+    if not passes:
+        assert "NIH_ARCHIVE_SHA256" in result.stdout
 
 
 # --------------------------------------------------------------------------------------------

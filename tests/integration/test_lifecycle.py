@@ -82,6 +82,18 @@ def test_champion_alias_only_moves_for_a_model_at_least_as_good(champion, newer)
     assert champion_version(settings) == str(newer.version)
 
 
+def test_a_rollback_points_the_champion_at_a_named_version_and_refuses_an_unknown_one(champion, newer):
+    from malaria.registry import RegistryError, set_champion
+
+    settings, record, _ = champion
+    assert set_champion(settings, str(newer.version)) == record.version  # no gate: an operator's decision
+    assert champion_version(settings) == str(newer.version)
+    assert set_champion(settings, record.version) == str(newer.version)  # and back
+    with pytest.raises(RegistryError, match="no version '999'"):
+        set_champion(settings, "999")
+    assert champion_version(settings) == record.version
+
+
 def test_a_champion_validated_on_other_images_is_scored_again_on_the_new_ones(champion, newer):
     """A real-data model must not lose to a champion whose score came from other (e.g. generated) images."""
     settings, record, _ = champion

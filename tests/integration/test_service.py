@@ -159,6 +159,26 @@ def test_paths_no_route_serves_share_one_metrics_label_and_still_reach_the_app(s
     assert {"(unmatched)", "/ui/", "/predict"} <= labels
 
 
+def test_the_alert_rules_name_metrics_and_routes_this_service_exports(server, cells):
+    """deploy/prometheus/alerts.yml against a live /metrics: a renamed metric would silence an alert."""
+    import yaml
+
+    from tests.conftest import REPO_ROOT
+
+    rules = yaml.safe_load((REPO_ROOT / "deploy" / "prometheus" / "alerts.yml").read_text())
+    expressions = [rule["expr"] for group in rules["groups"] for rule in group["rules"]]
+    assert post_files(server, "predict", "image", [("a.png", cells["Uninfected"][0].read_bytes())]).status_code == 200
+    metrics = httpx.get(f"{server.url}/metrics", timeout=10).text
+    exported = set(re.findall(r"^([a-zA-Z_:][a-zA-Z0-9_:]*)(?:\{| )", metrics, re.MULTILINE))
+    named = {name for e in expressions for name in re.findall(r"\b((?:bentoml|malaria)_[a-z_]+)\b", e)}
+    assert len(named) >= 3 and named <= exported, named - exported
+    routes = set(httpx.get(f"{server.url}/docs.json", timeout=10).json()["paths"])
+    alerted = {r for e in expressions for group in re.findall(r'endpoint=~"([^"]+)"', e) for r in group.split("|")}
+    assert alerted and alerted <= routes, alerted - routes
+    codes = set(re.findall(r'http_response_code="(\d+)"', metrics))
+    assert "200" in codes  # the label the error-rate rule matches on carries the status code
+
+
 def test_concurrent_single_image_calls_reach_the_model_in_batches(server, cells):
     images = [p.read_bytes() for p in cells["Parasitized"] + cells["Uninfected"]] * 3
 
