@@ -71,6 +71,8 @@ settings = get_settings()
 harden_multipart_parsing(settings.max_images_per_request)
 compat.cache_response_media_types()
 compat.bound_endpoint_labels(mounted=(UI_PATH,))
+if settings.api_token:
+    compat.document_bearer_auth()  # the Swagger page at / can then send the token
 MODEL = bentoml.models.BentoModel(f"{settings.bento_model_name}:latest")
 # A field's expected red-cell size, per request: 8 to 1000 px, directly or as 7.5 um over the pixel size.
 CellDiameter = Annotated[float, Field(ge=8, le=1000)] | None
@@ -455,15 +457,19 @@ class MalariaClassifier:
 
 
 FORM_OVERHEAD_BYTES = 1_000_000  # multipart headers and boundaries, generously
+JSON_BODY_BYTES = 1_000_000  # a route without a file: /summarize_slide's 1,000 fields are about 100 KB
+LIST_BODY_BYTES = settings.max_image_bytes * settings.max_images_per_request + FORM_OVERHEAD_BYTES
 # Starlette runs the first added outermost: auth answers before any limit is disclosed.
 MalariaClassifier.add_asgi_middleware(
     BearerAuthMiddleware, token=settings.api_token, metrics_token=settings.metrics_token
 )
 MalariaClassifier.add_asgi_middleware(
     BodyLimitMiddleware,
-    max_body_bytes=settings.max_image_bytes * settings.max_images_per_request + FORM_OVERHEAD_BYTES,
+    max_body_bytes=JSON_BODY_BYTES,  # every other route, and any path no route serves
     body_limits={
         "/predict": settings.max_image_bytes + FORM_OVERHEAD_BYTES,
+        "/classify": LIST_BODY_BYTES,
+        "/batch_predict": LIST_BODY_BYTES,
         "/analyze_smear": settings.max_smear_bytes + FORM_OVERHEAD_BYTES,
         "/annotate_smear": settings.max_smear_bytes + FORM_OVERHEAD_BYTES,
         "/explain": settings.max_smear_bytes + FORM_OVERHEAD_BYTES,

@@ -6,6 +6,7 @@ import logging
 import shutil
 import tempfile
 from pathlib import Path
+from urllib.parse import urlsplit, urlunsplit
 
 import numpy as np
 
@@ -30,6 +31,17 @@ logger = logging.getLogger(__name__)
 MLFLOW_MODEL_DIR = "mlflow_model"  # the registered version's files, as MLflow stores them
 
 
+def without_credentials(uri: str) -> str:
+    """A tracking URI without the user, password, query or fragment a credential may ride in."""
+    parts = urlsplit(uri)
+    if not parts.netloc:
+        return uri  # a file path or sqlite:///path
+    host = parts.hostname or ""
+    host = f"[{host}]" if ":" in host else host
+    netloc = f"{host}:{parts.port}" if parts.port else host
+    return urlunsplit((parts.scheme, netloc, parts.path, "", ""))
+
+
 def import_model(settings: Settings, version: str | None = None, openvino: bool = True):
     """Import ``models:/NAME@champion`` (or a version) into the BentoML store; returns the stored model.
 
@@ -46,7 +58,7 @@ def import_model(settings: Settings, version: str | None = None, openvino: bool 
         "mlflow_model_uri": uri,
         "mlflow_version": record.version,
         "mlflow_run_id": record.run_id,
-        "mlflow_tracking_uri": settings.mlflow_tracking_uri,
+        "mlflow_tracking_uri": without_credentials(settings.mlflow_tracking_uri),  # the metadata ships in images
         "metrics": {k: round(v, 6) for k, v in record.metrics.items() if k.startswith(("val_", "test_"))},
     }
     labels = {

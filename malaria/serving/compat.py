@@ -125,3 +125,27 @@ def bound_endpoint_labels(mounted: tuple[str, ...] = ()) -> None:
 
     bounded.bounded = True  # type: ignore[attr-defined]
     RunnerTrafficMetricsMiddleware.__call__ = bounded  # type: ignore[method-assign]
+
+
+def document_bearer_auth() -> None:
+    """Declare the bearer token in the OpenAPI document, so the Swagger page at ``/`` can send one.
+
+    BentoML 1.4's OpenAPI model has no ``securitySchemes`` ("not yet supported"): the scheme is added
+    to the document it serves at ``/docs.json``; Swagger UI then shows *Authorize* and sends
+    ``Authorization: Bearer ...`` with every call it makes.
+    """
+    from bentoml._internal.service.openapi.specification import OpenAPISpecification
+
+    if getattr(OpenAPISpecification.asdict, "bearer", False):
+        return
+    plain = OpenAPISpecification.asdict
+
+    def asdict(self) -> dict[str, Any]:
+        document = plain(self)
+        schemes = document.setdefault("components", {}).setdefault("securitySchemes", {})
+        schemes["bearerAuth"] = {"type": "http", "scheme": "bearer", "description": "MALARIA_API_TOKEN"}
+        document["security"] = [{"bearerAuth": []}]
+        return document
+
+    asdict.bearer = True  # type: ignore[attr-defined]
+    OpenAPISpecification.asdict = asdict  # type: ignore[method-assign]

@@ -7,15 +7,18 @@ import json
 from collections import OrderedDict
 
 OPEN_PATHS = frozenset({"/healthz", "/livez", "/readyz", "/metrics"})
-OPEN_PREFIXES = ("/ui/",)  # the lab page's static files: no data in them; the API calls they make carry the token
+# Pages and their files, no data in them; the API calls they make carry the token the user gives them:
+# the lab page (/ui) and BentoML's Swagger page (/, its files, and the OpenAPI document it reads).
+OPEN_PAGES = frozenset({"/", "/ui", "/docs.json"})
+OPEN_PREFIXES = ("/ui/", "/static_content/")
 
 
 def is_open(scope) -> bool:
-    """Probes, metrics and the page's files (GET/HEAD): answered without a token."""
+    """Probes, metrics, and the pages and their files (GET/HEAD only): answered without a token."""
     path = scope["path"]
     if path in OPEN_PATHS:
         return True
-    return scope.get("method") in ("GET", "HEAD") and (path == "/ui" or path.startswith(OPEN_PREFIXES))
+    return scope.get("method") in ("GET", "HEAD") and (path in OPEN_PAGES or path.startswith(OPEN_PREFIXES))
 
 
 class BearerAuthMiddleware:

@@ -317,6 +317,12 @@ def bad_requests(cells) -> dict[str, tuple[str, dict, int, str]]:
             400,
             "malformed form",
         ),
+        "body over a JSON route's limit": (
+            "summarize_slide",
+            {"content": b'{"fields": [' + b" " * 1_100_000 + b"]}", "headers": {"content-type": "application/json"}},
+            413,
+            "1000000-byte limit",
+        ),
         "two files for one": (
             "predict",
             {"files": [("image", ("a.png", good, "image/png")), ("image", ("b.png", good, "image/png"))]},
@@ -345,6 +351,7 @@ def bad_requests(cells) -> dict[str, tuple[str, dict, int, str]]:
         "many text parts",
         "long text part",
         "form without a boundary",
+        "body over a JSON route's limit",
         "chunked upload",
         "body over /predict's limit",
     ],
@@ -467,8 +474,18 @@ def test_bearer_token_is_required_when_configured(secured, cells):
 def test_every_api_route_needs_the_token_and_only_probes_metrics_and_the_page_are_open(secured):
     """Routes read from the service's own OpenAPI document, so a route added later is covered too."""
     token = {"Authorization": "Bearer s3cret"}
-    assert httpx.get(f"{secured.url}/docs.json", timeout=10).status_code == 401
-    spec = httpx.get(f"{secured.url}/docs.json", headers=token, timeout=10).json()
+    # The Swagger page at / loads without the token and declares it, so it can send it (Authorize).
+    spec = httpx.get(f"{secured.url}/docs.json", timeout=10).json()
+    assert spec["components"]["securitySchemes"]["bearerAuth"] == {
+        "type": "http",
+        "scheme": "bearer",
+        "description": "MALARIA_API_TOKEN",
+    }
+    assert spec["security"] == [{"bearerAuth": []}]
+    page = httpx.get(f"{secured.url}/", timeout=10)
+    assert page.status_code == 200 and "swagger" in page.text.lower()
+    assert httpx.get(f"{secured.url}/static_content/swagger-ui-bundle.js", timeout=10).status_code == 200
+    assert httpx.post(f"{secured.url}/docs.json", timeout=10).status_code == 401  # GET and HEAD only
     posted = sorted(path for path, methods in spec["paths"].items() if "post" in methods)
     assert {"/predict", "/classify", "/analyze_smear", "/explain", "/review", "/model_info"} <= set(posted)
     for path in posted:

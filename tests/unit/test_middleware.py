@@ -62,6 +62,25 @@ def test_probes_and_metrics_need_no_token(path):
     assert call(guarded(), "GET", path).status_code == 200
 
 
+@pytest.mark.parametrize(
+    ("method", "path", "status"),
+    [
+        ("GET", "/", 200),  # BentoML's Swagger page, which declares the token and sends it
+        ("GET", "/docs.json", 200),
+        ("HEAD", "/docs.json", 200),
+        ("GET", "/static_content/swagger-ui-bundle.js", 200),
+        ("GET", "/ui/app.js", 200),
+        ("POST", "/", 401),
+        ("POST", "/docs.json", 401),
+        ("GET", "/schema.json", 401),
+        ("GET", "/static_content", 401),  # the prefix is a folder, not a name to match loosely
+        ("GET", "/docs.jsonx", 401),
+    ],
+)
+def test_pages_and_their_files_are_open_to_get_only(method, path, status):
+    assert call(guarded(), method, path).status_code == status
+
+
 def test_without_a_token_every_path_is_open():
     assert call(guarded(token=None), "POST", "/predict", content=b"x").status_code == 200
 

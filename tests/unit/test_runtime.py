@@ -136,3 +136,19 @@ def test_without_data_the_gates_use_the_batch_saved_at_training_time(settings_fa
     assert reference.origin == "the reference batch saved at training time" and calibration is None
     np.testing.assert_array_equal(reference.images, images)
     assert reference.labels is None and reference.expected is not None
+
+
+@pytest.mark.parametrize(
+    ("uri", "kept"),
+    [
+        ("https://alice:s3cret@mlflow.example.org:5000/path?token=x#y", "https://mlflow.example.org:5000/path"),
+        ("http://token@[::1]:5000", "http://[::1]:5000"),
+        ("postgresql://mlflow:pw@db/mlflow", "postgresql://db/mlflow"),
+        ("sqlite:///mlflow.db", "sqlite:///mlflow.db"),
+        ("http://localhost:5000", "http://localhost:5000"),
+    ],
+)
+def test_the_tracking_uri_copied_into_a_bento_carries_no_credentials(uri, kept):
+    from malaria.bento import without_credentials
+
+    assert without_credentials(uri) == kept
