@@ -102,7 +102,7 @@ image-prune: ## remove old malaria images and archives (all but :latest; KEEP_LA
 	IMAGE_BACKEND=$(IMAGE_BACKEND) deploy/image/prune.sh
 
 image-smoke: install ## run the image from `make image`, classify held-out cells, check, stop cleanly
-	$(BIN)/python deploy/image/smoke.py
+	PYTHONPATH=. $(BIN)/python deploy/image/smoke.py  # imports tests.server_process
 
 bench: install ## limit vs served throughput in one run -> benchmarks/results.json, benchmarks/README.md
 	$(BIN)/python benchmarks/bench.py

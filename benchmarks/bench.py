@@ -23,7 +23,7 @@ import aiohttp
 import httpx
 import numpy as np
 
-from malaria.server_process import ServerProcess, bentoml_serve_command
+from tests.server_process import ServerProcess, bentoml_serve_command
 
 ROOT = Path(__file__).resolve().parents[1]
 OUT = Path(__file__).resolve().parent

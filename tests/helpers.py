@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from malaria.server_process import ServerProcess, bentoml_serve_command, on_a_free_port
+from tests.server_process import ServerProcess, bentoml_serve_command, on_a_free_port
 
 LIMITS = {
     "MALARIA_MAX_IMAGES_PER_REQUEST": "8",

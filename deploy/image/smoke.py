@@ -30,7 +30,7 @@ from malaria.client import MalariaClient
 from malaria.config import get_settings
 from malaria.data import ensure_dataset, prepare, read_manifest
 from malaria.preprocess import preprocess_batch
-from malaria.server_process import free_port
+from tests.server_process import free_port
 
 CELLS_PER_CLASS = 8
 MIN_ACCURACY = 0.75

@@ -240,7 +240,7 @@ def test_against_a_tracking_server_artifacts_go_to_the_server_store(settings_fac
     import sys
 
     from malaria.registry import client
-    from malaria.server_process import ServerProcess, free_port
+    from tests.server_process import ServerProcess, free_port
 
     port, served = free_port(), tmp_path / "served-artifacts"
     command = [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port)]

@@ -12,8 +12,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from malaria.server_process import ServerProcess, free_port
 from tests.helpers import Server
+from tests.server_process import ServerProcess, free_port
 
 pytestmark = pytest.mark.slow
 

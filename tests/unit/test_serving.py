@@ -363,7 +363,7 @@ def test_a_server_whose_port_was_taken_meanwhile_starts_on_another(tmp_path, mon
     import socket
     import sys
 
-    from malaria import server_process
+    from tests import server_process
 
     taken = socket.socket()
     taken.bind(("127.0.0.1", 0))

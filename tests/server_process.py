@@ -1,4 +1,4 @@
-"""A server subprocess (``bentoml serve`` or uvicorn) for integration tests and benchmarks."""
+"""A server subprocess (``bentoml serve`` or uvicorn) for tests, benchmarks and the image smoke (not shipped)."""
 
 from __future__ import annotations
 
