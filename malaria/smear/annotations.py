@@ -45,15 +45,41 @@ def _xywh(bbox: dict) -> tuple[int, int, int, int]:
     return x, y, w, h
 
 
+SAME_CELL_IOU = 0.5  # two boxes overlapping this much are one cell boxed twice (the matching's own bar)
+
+
+def one_box_per_cell(boxes: list[Box]) -> list[Box]:
+    """Drop the second box of a cell boxed twice, keeping an infected box over an uninfected one.
+
+    The shared set boxes some cells twice: 25 pairs at IoU >= 0.5 in 17 of the 211 fields, 9 of them
+    an infected box over a ``red blood cell`` box of the same cell (seen on training fields: the
+    detection went to one box and the other counted as missed, and the uninfected twin labelled the
+    infected cell's crop Uninfected). A box naming a parasite is the more specific annotation.
+    """
+    if len(boxes) < 2:
+        return list(boxes)
+    order = sorted(range(len(boxes)), key=lambda i: not boxes[i].infected)  # infected first, stable
+    arr = np.array([boxes[i].xywh for i in order])
+    overlap = iou_matrix(arr, arr)
+    kept: list[int] = []
+    for position in range(len(order)):
+        if all(overlap[position, other] < SAME_CELL_IOU for other in kept):
+            kept.append(position)
+    return [boxes[order[position]] for position in sorted(kept, key=lambda p: order[p])]
+
+
 def load_annotations(smear_dir: Path) -> dict[str, list[Box]]:
-    """``annotations.json`` of a smear folder -> boxes per image file name (unsure boxes left out)."""
+    """``annotations.json`` of a smear folder -> boxes per image file name: unsure boxes left out, one
+    box per cell (``one_box_per_cell``)."""
     fields = json.loads((Path(smear_dir) / "annotations.json").read_text())
     return {
-        entry["image_name"]: [
-            Box(*_xywh(obj["bbox"]), infected=obj["type"] != UNINFECTED_TYPE)
-            for obj in entry["objects"]
-            if obj["type"] not in IGNORED_TYPES
-        ]
+        entry["image_name"]: one_box_per_cell(
+            [
+                Box(*_xywh(obj["bbox"]), infected=obj["type"] != UNINFECTED_TYPE)
+                for obj in entry["objects"]
+                if obj["type"] not in IGNORED_TYPES
+            ]
+        )
         for entry in fields
     }
 

@@ -33,7 +33,7 @@ COLUMNS = ["path", "label", "patient", "width", "height", "source", "split"]
 def crop_key(smear_dir: Path, cell_diameter_px: float, seed: int, uninfected_per_field: dict[str, int]) -> str:
     """What the cut crops depend on: the annotations, the detector's and this module's code, the sampling."""
     digest = hashlib.sha256((Path(smear_dir) / "annotations.json").read_bytes())
-    for module in (detect_cells, cell_crop, decode_image):
+    for module in (detect_cells, cell_crop, decode_image, load_annotations, cut_smear_crops):
         digest.update(Path(inspect.getfile(module)).read_bytes())
     digest.update(json.dumps([CROPS_VERSION, cell_diameter_px, seed, uninfected_per_field], sort_keys=True).encode())
     return digest.hexdigest()[:16]

@@ -213,3 +213,16 @@ def test_an_object_of_several_cells_area_is_cut_into_as_many_cells():
     assert [r.kind for r in three] == ["red_cell"] * 3
     assert all(0.7 < r.area_ratio < 1.3 for r in three)
     assert [r.kind for r in blob(12)] == ["clump"]
+
+
+def test_a_cell_boxed_twice_counts_once_and_keeps_its_infected_label():
+    from malaria.smear.annotations import Box, one_box_per_cell
+
+    rbc_twin = Box(100, 100, 80, 80, infected=False)
+    ring = Box(104, 102, 78, 80, infected=True)  # the same cell, boxed again as infected (IoU 0.9)
+    alone = Box(300, 300, 80, 80, infected=False)
+    dup_a, dup_b = Box(500, 500, 80, 80, infected=False), Box(502, 500, 80, 80, infected=False)
+    neighbour = Box(170, 100, 80, 80, infected=False)  # touching, IoU 0.06: another cell
+    kept = one_box_per_cell([rbc_twin, alone, ring, dup_a, dup_b, neighbour])
+    assert kept == [alone, ring, dup_a, neighbour]  # file order kept
+    assert one_box_per_cell([alone]) == [alone] and one_box_per_cell([]) == []
