@@ -44,7 +44,7 @@ def read_image_env(path: Path = Path("dist/image.env")) -> dict[str, str]:
 
 
 DEPLOYMENT = Path("deploy/k8s/deployment.yaml")
-FILE_SYSTEM_ENV = ("BENTOML_HOME", "PYTHONDONTWRITEBYTECODE", "MALARIA_PREDICTION_LOG_DIR")
+FILE_SYSTEM_ENV = ("BENTOML_HOME", "HOME", "PYTHONDONTWRITEBYTECODE", "MALARIA_PREDICTION_LOG_DIR")
 RUNTIME_FILES = {"/etc/hosts", "/etc/resolv.conf", "/etc/hostname", "/run/.containerenv"}  # written by buildah
 
 
@@ -136,8 +136,14 @@ class BuildahContainer:
         return code
 
     def writes_outside_volumes(self) -> list[str]:
-        """Files the server created or changed outside the Deployment's volumes (read-only there)."""
-        root = Path(self.root)
+        """Files the server created or changed outside the Deployment's volumes (read-only there).
+
+        Read through ``/proc/<pid>/root``: the run's bind mount (``self.root``) exists only in its own
+        mount namespace.
+        """
+        root = Path(f"/proc/{self.server_pid}/root")
+        if not (root / "home" / "bentoml" / "bento").is_dir():
+            raise RuntimeError(f"cannot read the container's file system at {root}")
         found = []
         for path in root.rglob("*"):
             inside = "/" + str(path.relative_to(root))

@@ -231,7 +231,7 @@ def test_the_pod_writes_only_to_its_bounded_volumes_and_holds_no_cluster_token(d
     # What the classifier writes (BentoML's home, spooled uploads, the log) is on a mounted volume.
     env = {e["name"]: e.get("value") for e in classifier["env"]}
     mounts = {m["mountPath"]: m["name"] for m in classifier["volumeMounts"]}
-    for path in (env["BENTOML_HOME"], "/tmp", env["MALARIA_PREDICTION_LOG_DIR"]):
+    for path in (env["BENTOML_HOME"], env["HOME"], "/tmp", env["MALARIA_PREDICTION_LOG_DIR"]):
         assert any(path == m or path.startswith(m + "/") for m in mounts), path
     assert env["PYTHONDONTWRITEBYTECODE"] == "1"
     # Each volume has a size limit, and the classifier's disk limit covers its volumes.
