@@ -20,8 +20,35 @@ from malaria.config import get_settings
 from malaria.preprocess import decode_image
 from malaria.registry import load_keras_model
 from malaria.smear.analysis import prepare_field
-from malaria.smear.annotations import capture_blocks, load_annotations, match_boxes, split_fields
+from malaria.smear.annotations import (
+    SAME_CELL_IOU,
+    UNINFECTED_TYPE,
+    capture_blocks,
+    iou_matrix,
+    load_annotations,
+    match_boxes,
+    split_fields,
+)
 from malaria.train import predict_probability
+
+
+def boxed_twice(annotations_file) -> dict:
+    """Pairs of boxes of one field at IoU >= SAME_CELL_IOU in the file as written (``load_annotations``
+    keeps one of each), by whether the two boxes are infected."""
+    pairs, fields = Counter(), set()
+    for entry in json.loads(annotations_file.read_text()):
+        objects = [o for o in entry["objects"] if o["type"] != "difficult"]
+        boxes = np.array([[float(o["bbox"][k]) for k in "xywh"] for o in objects]).reshape(-1, 4)
+        overlap = np.triu(iou_matrix(boxes, boxes), k=1)
+        for i, j in zip(*np.nonzero(overlap >= SAME_CELL_IOU), strict=True):
+            infected = sorted(objects[k]["type"] != UNINFECTED_TYPE for k in (i, j))
+            pairs[
+                {(False, False): "both uninfected", (False, True): "infected and uninfected"}.get(
+                    tuple(infected), "both infected"
+                )
+            ] += 1
+            fields.add(entry["image_name"])
+    return {"pairs": sum(pairs.values()), "fields": len(fields), **pairs}
 
 
 def main() -> None:
@@ -36,9 +63,14 @@ def main() -> None:
     annotations = load_annotations(settings.smear_dir)
     parts = split_fields(sorted(annotations), settings.seed)
     blocks = capture_blocks(sorted(annotations))
-    report: dict = {"version": record.version, "field_threshold": spec.threshold}
+    report: dict = {
+        "version": record.version,
+        "field_threshold": spec.threshold,
+        "cells_boxed_twice": boxed_twice(settings.smear_dir / "annotations.json"),
+    }
     for part in ("val", "test"):
-        infected, not_detected, called, uninfected, false_positive = 0, 0, 0, 0, Counter()
+        infected, not_detected, called, uninfected = 0, 0, 0, 0
+        false_positive, matched_by_block = Counter(), Counter()
         for name in sorted(n for n in annotations if parts[n] == part):
             rgb = decode_image((settings.smear_dir / "images" / name).read_bytes(), max_pixels=None)
             field = prepare_field(rgb, spec, settings.smear_cell_diameter_px, time.perf_counter)
@@ -55,6 +87,7 @@ def main() -> None:
                     called += int(positive)
                 elif i in matches:
                     uninfected += 1
+                    matched_by_block[f"block {blocks[name]:02d}"] += 1
                     false_positive[f"block {blocks[name]:02d}"] += int(positive)
         report[part] = {
             "infected_boxed": infected,
@@ -63,6 +96,9 @@ def main() -> None:
             "sensitivity_ceiling_from_detection": round(1 - not_detected / infected, 3) if infected else None,
             "uninfected_matched": uninfected,
             "false_positives_by_capture_block": dict(sorted(false_positive.items())),
+            "specificity_by_capture_block": {
+                block: round(1 - false_positive[block] / n, 4) for block, n in sorted(matched_by_block.items())
+            },
         }
     print(json.dumps(report, indent=2))
 

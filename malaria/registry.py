@@ -85,6 +85,11 @@ def _example_png(spec: ModelSpec) -> bytes:
     return buffer.getvalue()
 
 
+def _without_nan(metrics: dict[str, float]) -> dict[str, float]:
+    """MLflow and the champion gate take no NaN (a metric undefined on a one-class split)."""
+    return {k: v for k, v in metrics.items() if v == v}
+
+
 @dataclass
 class TrainingRun:
     """What a run logs beside its model (parameters, final metrics, per-epoch history, artifacts, run
@@ -121,7 +126,7 @@ def log_run(
     from malaria.pyfunc import log_pipeline
 
     client(settings)  # the tracking store and experiment
-    metrics = {k: v for k, v in run.metrics.items() if v == v}  # drop NaN
+    metrics = _without_nan(run.metrics)
     with mlflow.start_run(tags=run.tags or None) as active:
         if run.params:
             mlflow.log_params(run.params)
@@ -161,8 +166,7 @@ def register_version(
     tags = {SPEC_TAG: spec.to_json(), **(version_tags or {})}
     for key, tag in tags.items():
         mlflow_client.set_model_version_tag(name, version, key, tag)
-    kept = {k: v for k, v in metrics.items() if v == v}
-    return RegisteredVersion(name, version, run_id, spec, kept, False, tags)
+    return RegisteredVersion(name, version, run_id, spec, _without_nan(metrics), False, tags)
 
 
 def log_register_and_gate(
@@ -247,11 +251,12 @@ def set_champion(settings: Settings, version: str) -> str | None:
     from mlflow.exceptions import MlflowException
 
     previous = champion_version(settings)
+    mlflow_client = client(settings)
     try:
-        client(settings).get_model_version(settings.registered_model_name, version)
+        mlflow_client.get_model_version(settings.registered_model_name, version)
     except MlflowException as exc:
         raise RegistryError(f"{settings.registered_model_name} has no version {version!r}") from exc
-    client(settings).set_registered_model_alias(settings.registered_model_name, settings.champion_alias, version)
+    mlflow_client.set_registered_model_alias(settings.registered_model_name, settings.champion_alias, version)
     logger.info("@%s moved by hand: version %s -> %s", settings.champion_alias, previous or "none", version)
     return previous
 

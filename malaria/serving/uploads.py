@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import io
 import os
 import posixpath
@@ -188,14 +189,15 @@ def new_request_id(headers) -> str:
     return given if 0 < len(given) <= 128 and given.isprintable() else uuid.uuid4().hex
 
 
-MAX_TEXT_FIELDS = (
-    16  # text parts of one form: the routes declare at most 4 (a smear field's size, a box, a label, a note)
-)
+# Text parts of one form: the routes declare at most 4 (a smear field's size, a box, a label, a note).
+MAX_TEXT_FIELDS = 16
 MAX_TEXT_PART_BYTES = 64 * 1024  # one text part held in memory: the longest declared one is 128 characters
 
 
+@functools.cache
 def files_allowed(cls, max_images_per_request: int) -> int:
-    """How many file parts a route's form may hold: one per file field, the list limit for a list field."""
+    """How many file parts a route's form may hold: one per file field, the list limit for a list field
+    (worked out once per route: it is asked at every request)."""
     return sum(
         max_images_per_request if compat.takes_a_list(cls.model_fields[field].annotation) else 1
         for field in cls.multipart_fields
