@@ -105,7 +105,7 @@ image-smoke: install ## run the image from `make image`, classify held-out cells
 	PYTHONPATH=. $(BIN)/python deploy/image/smoke.py  # imports tests.server_process
 
 bench: install ## limit vs served throughput in one run -> benchmarks/results.json, benchmarks/README.md
-	$(BIN)/python benchmarks/bench.py
+	$(BIN)/python -m benchmarks.bench  # imports tests.server_process from the repo root
 
 lab-screenshot: install ## the lab page on a generated field -> docs/images/lab-page.png (and its load time)
 	$(BIN)/python -m benchmarks.lab_page
