@@ -213,15 +213,28 @@ class Settings(BaseSettings):
     )
     smear_uninfected_per_field: dict[str, int] = Field(
         json_schema_extra={"dvc": "prepare"},
-        default={"train": 10, "val": 40, "test": 10_000},
+        default={"train": 40, "val": 40, "test": 10_000},
         description="Uninfected smear crops kept per field, by split (every infected one is kept; about 75 "
-        "uninfected cells per infected one in the shared set).",
+        "uninfected cells per infected one in the shared set). Training draws from its pool each epoch.",
     )
     smear_infected_repeat: int = Field(
         json_schema_extra={"dvc": "train"},
         default=4,
         ge=1,
         description="Times each infected smear crop is repeated in a training epoch.",
+    )
+    smear_uninfected_per_epoch: int = Field(
+        json_schema_extra={"dvc": "train"},
+        default=1600,
+        ge=0,
+        description="Uninfected smear crops drawn afresh each training epoch from the training pool (every "
+        "epoch sees other cells of the same fields at a fixed cost).",
+    )
+    smear_loss_weight: float = Field(
+        json_schema_extra={"dvc": "train"},
+        default=1.0,
+        gt=0,
+        description="Loss weight of a smear crop in training.",
     )
     smear_min_slide_cells: int = Field(
         default=1000,

@@ -58,30 +58,54 @@ class SplitData:
 
 
 def load_split(
-    manifest: pd.DataFrame,
-    roots: dict[str, Path],
-    split: str,
-    spec: ModelSpec,
-    limit: int | None,
-    seed: int,
-    repeat_infected_smear: int = 1,
+    manifest: pd.DataFrame, roots: dict[str, Path], split: str, spec: ModelSpec, limit: int | None, seed: int
 ) -> SplitData:
-    """One split's images (manifest paths are relative to their source's root) through the shared preprocessing.
-
-    ``repeat_infected_smear`` repeats the rare infected smear crops (training only).
-    """
+    """One split's images (manifest paths are relative to their source's root) through the shared preprocessing."""
     frame = manifest[manifest["split"] == split]
     if limit is not None and len(frame) > limit:  # a smoke run: the same share of each source and class
         groups = frame.groupby(["source", "label"])
         frame = pd.concat(
             [group.sample(min(len(group), limit // groups.ngroups), random_state=seed) for _, group in groups]
         )
-    if repeat_infected_smear > 1:
-        rare = frame[(frame["source"] == SMEAR) & (labels_of(frame) == 1)]
-        frame = pd.concat([frame, *[rare] * (repeat_infected_smear - 1)])
     frame = frame.reset_index(drop=True)
     images = load_arrays(image_paths(frame, roots), spec, desc=f"loading {split}")
     return SplitData(frame, images, labels_of(frame))
+
+
+@dataclass(frozen=True)
+class EpochPlan:
+    """The training images of every epoch, in order (one row per epoch), and each image's loss weight."""
+
+    indices: np.ndarray
+    weights: np.ndarray
+
+
+def epoch_plan(
+    frame: pd.DataFrame,
+    labels: np.ndarray,
+    epochs: int,
+    seed: int,
+    infected_repeat: int = 1,
+    uninfected_per_epoch: int | None = None,
+    smear_weight: float = 1.0,
+) -> EpochPlan:
+    """Each epoch: every image once, shuffled, except the smear source's crops.
+
+    Infected smear crops come ``infected_repeat`` times (the set has about 75 uninfected cells per
+    infected one), and ``uninfected_per_epoch`` uninfected smear crops are drawn afresh from the pool
+    (None: all of it), so the epochs together see many cells of each training field at the cost of a
+    few. Smear crops weigh ``smear_weight`` in the loss. A frame without a source column is all NIH.
+    """
+    rng = np.random.default_rng(seed)
+    smear = (frame["source"] == SMEAR).to_numpy() if "source" in frame else np.zeros(len(labels), bool)
+    infected = np.flatnonzero(smear & (labels == 1))
+    pool = np.flatnonzero(smear & (labels == 0))
+    fixed = np.concatenate([np.flatnonzero(~smear), np.repeat(infected, infected_repeat)])
+    draw = len(pool) if uninfected_per_epoch is None else min(uninfected_per_epoch, len(pool))
+    indices = np.stack(
+        [rng.permutation(np.concatenate([fixed, rng.choice(pool, draw, replace=False)])) for _ in range(epochs)]
+    )
+    return EpochPlan(indices, np.where(smear, smear_weight, 1.0).astype(np.float32))
 
 
 def metrics_by_source(prefix: str, data: SplitData, probability: np.ndarray, threshold: float) -> dict[str, float]:
@@ -172,13 +196,23 @@ def fit_model(
         # same data, seed, machine and thread count give the same weights.
         tf.config.experimental.enable_op_determinism()
     epochs, learning_rate = profile.epochs, profile.learning_rate
+    plan = epoch_plan(
+        train_data.frame,
+        train_data.labels,
+        epochs,
+        settings.training_seed,
+        settings.smear_infected_repeat,
+        settings.smear_uninfected_per_epoch,
+        settings.smear_loss_weight,
+    )
+    steps_per_epoch = int(np.ceil(plan.indices.shape[1] / settings.batch_size))
+    logger.info("training images per epoch: %d (%d in the pool)", plan.indices.shape[1], len(train_data.labels))
     model = build_model(profile, spec.image_size, seed=settings.training_seed)
-    steps = epochs * int(np.ceil(len(train_data.labels) / settings.batch_size))
     schedule = keras.optimizers.schedules.CosineDecay(
         learning_rate / 10,
-        decay_steps=max(1, steps),
+        decay_steps=max(1, epochs * steps_per_epoch),
         warmup_target=learning_rate,
-        warmup_steps=max(1, steps // 20),
+        warmup_steps=max(1, epochs * steps_per_epoch // 20),
         alpha=0.01,
     )
     model.compile(
@@ -188,16 +222,23 @@ def fit_model(
     )
     fit = model.fit(
         augmentation_pipeline(
-            train_data.images, train_data.labels, settings.batch_size, settings.training_seed, settings.deterministic
+            train_data.images,
+            train_data.labels,
+            plan.weights,
+            plan.indices,
+            settings.batch_size,
+            settings.training_seed,
+            settings.deterministic,
         ),
         validation_data=(val_data.images, val_data.labels),
         validation_batch_size=256,
         epochs=epochs,
-        shuffle=False,  # the pipeline reshuffles every epoch; Keras cannot shuffle a tf.data.Dataset
+        steps_per_epoch=steps_per_epoch,  # one pass over the plan: Keras then keeps the iterator across epochs
         verbose=0,
         callbacks=[epoch_logger(epochs)],
     )
-    updated = recompute_batch_norm_statistics(model, train_data.images, settings.batch_size, settings.training_seed)
+    first_epoch = train_data.images[np.unique(plan.indices[0])]  # the images of the mix trained on
+    updated = recompute_batch_norm_statistics(model, first_epoch, settings.batch_size, settings.training_seed)
     if updated:
         logger.info("batch norm statistics of %d layers recomputed over the training images", updated)
     history = {k: [float(v) for v in values] for k, values in fit.history.items() if k != "learning_rate"}
@@ -216,8 +257,7 @@ def train(settings: Settings, force: bool = False) -> RegisteredVersion:
     spec = ModelSpec(image_size=profile.image_size, training_sources=sources)
     limit = settings.max_train_images
 
-    repeat = settings.smear_infected_repeat
-    train_data = load_split(manifest, roots, "train", spec, limit, settings.seed, repeat_infected_smear=repeat)
+    train_data = load_split(manifest, roots, "train", spec, limit, settings.seed)
     val_data = load_split(manifest, roots, "val", spec, limit, settings.seed)
     test_data = load_split(manifest, roots, "test", spec, limit, settings.seed)
     logger.info(
@@ -326,8 +366,7 @@ def write_artifacts(
     evaluation.plot_confusion_matrix(test.labels, test_probability, spec, folder / "confusion_matrix.png")
     evaluation.plot_roc(test.labels, test_probability, folder / "roc_curve.png")
     evaluation.plot_learning_curves(history, folder / "learning_curves.png")
-    unique = ~train_data.frame.duplicated("path").to_numpy()  # repeated smear crops count once
-    frame, images = train_data.frame[unique], train_data.images[unique]
+    frame, images = train_data.frame, train_data.images
     sizes = list(zip(frame["width"], frame["height"], strict=True))
     reference = pd.DataFrame(image_features_batch(images, sizes))
     reference["probability_parasitized"] = predict_probability(model, images, spec)

@@ -43,6 +43,30 @@ def test_a_capped_split_keeps_both_classes_in_equal_numbers(settings_factory, tm
     assert part.frame["path"].tolist() == again.frame["path"].tolist()
 
 
+def test_an_epoch_repeats_infected_smear_crops_and_draws_fresh_uninfected_ones():
+    import numpy as np
+    import pandas as pd
+
+    from malaria.train import epoch_plan
+
+    # 6 NIH images, 2 infected smear crops, a pool of 10 uninfected smear crops
+    frame = pd.DataFrame({"source": ["nih"] * 6 + ["smear"] * 12})
+    labels = np.array([1, 0] * 3 + [1, 1] + [0] * 10)
+    plan = epoch_plan(frame, labels, epochs=4, seed=3, infected_repeat=2, uninfected_per_epoch=3, smear_weight=2.0)
+    assert plan.indices.shape == (4, 6 + 2 * 2 + 3)
+    for row in plan.indices:
+        counts = np.bincount(row, minlength=18)
+        assert (counts[:6] == 1).all() and (counts[6:8] == 2).all()  # every NIH image once, infected twice
+        assert counts[8:].sum() == 3 and counts[8:].max() == 1  # three distinct uninfected from the pool
+    drawn = [frozenset(row[row >= 8]) for row in plan.indices]
+    assert len(set(drawn)) > 1 and len(frozenset().union(*drawn)) > 3  # fresh draws, more of the pool seen
+    assert plan.weights.tolist() == [1.0] * 6 + [2.0] * 12
+    again = epoch_plan(frame, labels, epochs=4, seed=3, infected_repeat=2, uninfected_per_epoch=3, smear_weight=2.0)
+    assert np.array_equal(plan.indices, again.indices)
+    whole = epoch_plan(pd.DataFrame(), labels[:6], epochs=2, seed=0)  # no source column: all NIH, each once
+    assert sorted(whole.indices[0]) == list(range(6)) and whole.weights.tolist() == [1.0] * 6
+
+
 def test_the_training_seed_defaults_to_the_split_seed(settings_factory):
     assert settings_factory(seed=7, train_seed=None).training_seed == 7
     assert settings_factory(seed=7, train_seed=3).training_seed == 3
