@@ -5,6 +5,8 @@
 In process (no service), for the validation and test fields of the smear split: infected boxed cells
 that no detected cell matches (IoU >= 0.5: lost before the model sees them), the matched ones the
 field rule calls Uninfected, and the matched uninfected cells called Parasitized, per capture block.
+For each undetected infected cell: the detected object that overlaps its box most (kind, area in
+expected cell areas, edge flag, IoU); and the quartiles of the false positives' probabilities.
 """
 
 from __future__ import annotations
@@ -35,7 +37,8 @@ from malaria.train import predict_probability
 def boxed_twice(annotations_file) -> dict:
     """Pairs of boxes of one field at IoU >= SAME_CELL_IOU in the file as written (``load_annotations``
     keeps one of each), by whether the two boxes are infected."""
-    pairs, fields = Counter(), set()
+    pairs: Counter[str] = Counter()
+    fields: set[str] = set()
     for entry in json.loads(annotations_file.read_text()):
         objects = [o for o in entry["objects"] if o["type"] != "difficult"]
         boxes = np.array([[float(o["bbox"][k]) for k in "xywh"] for o in objects]).reshape(-1, 4)
@@ -49,6 +52,21 @@ def boxed_twice(annotations_file) -> dict:
             ] += 1
             fields.add(entry["image_name"])
     return {"pairs": sum(pairs.values()), "fields": len(fields), **pairs}
+
+
+def nearest_object(name: str, box: tuple[int, int, int, int], regions: list) -> dict:
+    """The detected object overlapping ``box`` most: what became of a cell the matcher did not find."""
+    if not regions:
+        return {"field": name, "kind": None}
+    overlap = iou_matrix(np.array([box], float), np.array([r.box for r in regions], float))[0]
+    region = regions[int(np.argmax(overlap))]
+    return {
+        "field": name,
+        "kind": region.kind,
+        "area_ratio": region.area_ratio,
+        "edge": region.edge,
+        "iou": round(float(overlap.max()), 2),
+    }
 
 
 def main() -> None:
@@ -70,7 +88,10 @@ def main() -> None:
     }
     for part in ("val", "test"):
         infected, not_detected, called, uninfected = 0, 0, 0, 0
-        false_positive, matched_by_block = Counter(), Counter()
+        false_positive: Counter[str] = Counter()
+        matched_by_block: Counter[str] = Counter()
+        lost: list[dict] = []
+        false_positive_probability: list[float] = []
         for name in sorted(n for n in annotations if parts[n] == part):
             rgb = decode_image((settings.smear_dir / "images" / name).read_bytes(), max_pixels=None)
             field = prepare_field(rgb, spec, settings.smear_cell_diameter_px, time.perf_counter)
@@ -85,10 +106,14 @@ def main() -> None:
                     infected += 1
                     not_detected += int(i not in matches)
                     called += int(positive)
+                    if i not in matches:
+                        lost.append(nearest_object(name, box.xywh, field.detection.regions))
                 elif i in matches:
                     uninfected += 1
                     matched_by_block[f"block {blocks[name]:02d}"] += 1
                     false_positive[f"block {blocks[name]:02d}"] += int(positive)
+                    if positive:
+                        false_positive_probability.append(float(probability[matches[i]]))
         report[part] = {
             "infected_boxed": infected,
             "infected_not_detected": not_detected,
@@ -99,6 +124,12 @@ def main() -> None:
             "specificity_by_capture_block": {
                 block: round(1 - false_positive[block] / n, 4) for block, n in sorted(matched_by_block.items())
             },
+            "false_positive_probability_quartiles": (
+                np.round(np.percentile(false_positive_probability, [0, 25, 50, 75, 100]), 3).tolist()
+                if false_positive_probability
+                else None
+            ),
+            "infected_not_detected_as": lost,
         }
     print(json.dumps(report, indent=2))
 

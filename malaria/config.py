@@ -213,7 +213,7 @@ class Settings(BaseSettings):
     )
     smear_uninfected_per_field: dict[str, int] = Field(
         json_schema_extra={"dvc": "prepare"},
-        default={"train": 40, "val": 40, "test": 10_000},
+        default={"train": 10, "val": 40, "test": 10_000},
         description="Uninfected smear crops kept per field, by split (every infected one is kept; about 75 "
         "uninfected cells per infected one in the shared set). Training draws from its pool each epoch.",
     )
@@ -223,12 +223,12 @@ class Settings(BaseSettings):
         ge=1,
         description="Times each infected smear crop is repeated in a training epoch.",
     )
-    smear_uninfected_per_epoch: int = Field(
+    smear_uninfected_per_epoch: int | None = Field(
         json_schema_extra={"dvc": "train"},
-        default=1600,
+        default=None,
         ge=0,
-        description="Uninfected smear crops drawn afresh each training epoch from the training pool (every "
-        "epoch sees other cells of the same fields at a fixed cost).",
+        description="Uninfected smear crops drawn afresh each training epoch from the training pool; unset = "
+        "all of it (a larger pool drawn from cost NIH accuracy: docs/training.md).",
     )
     smear_loss_weight: float = Field(
         json_schema_extra={"dvc": "train"},

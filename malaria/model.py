@@ -87,44 +87,52 @@ def _vgg16_pretrained(inputs, image_size: int):
 def augmentation_pipeline(
     images: np.ndarray,
     labels: np.ndarray,
-    weights: np.ndarray,
-    epoch_indices: np.ndarray,
     batch_size: int,
     seed: int,
     deterministic: bool = False,
+    plan: tuple[np.ndarray, np.ndarray] | None = None,
 ):
-    """An augmented ``tf.data`` pipeline of ``(images, labels, weights)`` batches: flips, rotations,
-    brightness and contrast jitter.
+    """An augmented ``tf.data`` pipeline of training batches: flips, rotations, brightness and contrast jitter.
 
-    ``epoch_indices`` has one row per epoch: the (already shuffled) images of that epoch, batched
-    within it. ``deterministic`` augments one batch at a time, in order, so the random draws repeat.
+    Without ``plan``: every image once per epoch, reshuffled each epoch, as ``(x, y)`` batches. With
+    ``plan = (epoch_indices, weights)`` (``malaria.train.epoch_plan``): each row of ``epoch_indices``
+    is one epoch's images, batched within it and gathered by index, as ``(x, y, weight)``; one pass
+    over it covers every epoch. ``deterministic`` augments one batch at a time, in order, so the
+    random draws repeat.
     """
     import tensorflow as tf
     from keras import layers
 
     # Cells are centred and round: any rotation or flip is a valid view, a shift may crop a parasite.
     rotation = layers.RandomRotation(0.5, fill_mode="constant", fill_value=0.0, seed=seed)
-    images_t, labels_t, weights_t = (tf.constant(a) for a in (images, labels, weights))
 
-    def gather(index):
-        return tf.gather(images_t, index), tf.gather(labels_t, index), tf.gather(weights_t, index)
-
-    def augment(x, y, w):
+    def augment(x, y, *weight):
         x = tf.image.random_flip_left_right(x)
         x = tf.image.random_flip_up_down(x)
         x = rotation(x, training=True)
         x = tf.image.random_brightness(x, 0.08)
         x = tf.image.random_contrast(x, 0.85, 1.15)
-        return tf.clip_by_value(x, 0.0, 1.0), y, w
+        return tf.clip_by_value(x, 0.0, 1.0), y, *weight
 
     parallel = None if deterministic else tf.data.AUTOTUNE
-    return (
-        tf.data.Dataset.from_tensor_slices(epoch_indices.astype(np.int64))
-        .flat_map(lambda row: tf.data.Dataset.from_tensor_slices(row).batch(batch_size))
-        .map(gather, num_parallel_calls=parallel)
-        .map(augment, num_parallel_calls=parallel)
-        .prefetch(tf.data.AUTOTUNE)
-    )
+    if plan is None:
+        batches = (
+            tf.data.Dataset.from_tensor_slices((images, labels))
+            .shuffle(len(images), seed=seed, reshuffle_each_iteration=True)
+            .batch(batch_size)
+        )
+    else:
+        epoch_indices, weights = plan
+        images_t, labels_t, weights_t = (tf.constant(a) for a in (images, labels, weights))
+        batches = (
+            tf.data.Dataset.from_tensor_slices(epoch_indices.astype(np.int64))
+            .flat_map(lambda row: tf.data.Dataset.from_tensor_slices(row).batch(batch_size))
+            .map(
+                lambda i: (tf.gather(images_t, i), tf.gather(labels_t, i), tf.gather(weights_t, i)),
+                num_parallel_calls=parallel,
+            )
+        )
+    return batches.map(augment, num_parallel_calls=parallel).prefetch(tf.data.AUTOTUNE)
 
 
 def recompute_batch_norm_statistics(model, images: np.ndarray, batch_size: int, seed: int) -> int:

@@ -196,17 +196,22 @@ def fit_model(
         # same data, seed, machine and thread count give the same weights.
         tf.config.experimental.enable_op_determinism()
     epochs, learning_rate = profile.epochs, profile.learning_rate
-    plan = epoch_plan(
-        train_data.frame,
-        train_data.labels,
-        epochs,
-        settings.training_seed,
-        settings.smear_infected_repeat,
-        settings.smear_uninfected_per_epoch,
-        settings.smear_loss_weight,
-    )
-    steps_per_epoch = int(np.ceil(plan.indices.shape[1] / settings.batch_size))
-    logger.info("training images per epoch: %d (%d in the pool)", plan.indices.shape[1], len(train_data.labels))
+    plan = None
+    if "source" in train_data.frame and (train_data.frame["source"] == SMEAR).any():
+        plan = epoch_plan(
+            train_data.frame,
+            train_data.labels,
+            epochs,
+            settings.training_seed,
+            settings.smear_infected_repeat,
+            settings.smear_uninfected_per_epoch,
+            settings.smear_loss_weight,
+        )
+    # Without the smear source every image is used once per epoch and tf.data reshuffles them, as in
+    # every earlier run of the NIH-only default: the released model stays the one its docs measured.
+    epoch_size = len(train_data.labels) if plan is None else plan.indices.shape[1]
+    steps_per_epoch = int(np.ceil(epoch_size / settings.batch_size))
+    logger.info("training images per epoch: %d (%d in the pool)", epoch_size, len(train_data.labels))
     model = build_model(profile, spec.image_size, seed=settings.training_seed)
     schedule = keras.optimizers.schedules.CosineDecay(
         learning_rate / 10,
@@ -224,21 +229,22 @@ def fit_model(
         augmentation_pipeline(
             train_data.images,
             train_data.labels,
-            plan.weights,
-            plan.indices,
             settings.batch_size,
             settings.training_seed,
             settings.deterministic,
+            None if plan is None else (plan.indices, plan.weights),
         ),
         validation_data=(val_data.images, val_data.labels),
         validation_batch_size=256,
         epochs=epochs,
-        steps_per_epoch=steps_per_epoch,  # one pass over the plan: Keras then keeps the iterator across epochs
+        # A plan is one pass over all epochs: Keras keeps the iterator across epochs when given the steps.
+        steps_per_epoch=None if plan is None else steps_per_epoch,
+        shuffle=False,  # the pipeline reshuffles every epoch; Keras cannot shuffle a tf.data.Dataset
         verbose=0,
         callbacks=[epoch_logger(epochs)],
     )
-    first_epoch = train_data.images[np.unique(plan.indices[0])]  # the images of the mix trained on
-    updated = recompute_batch_norm_statistics(model, first_epoch, settings.batch_size, settings.training_seed)
+    seen = train_data.images if plan is None else train_data.images[np.unique(plan.indices[0])]
+    updated = recompute_batch_norm_statistics(model, seen, settings.batch_size, settings.training_seed)
     if updated:
         logger.info("batch norm statistics of %d layers recomputed over the training images", updated)
     history = {k: [float(v) for v in values] for k, values in fit.history.items() if k != "learning_rate"}

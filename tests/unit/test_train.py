@@ -100,7 +100,19 @@ untrained = build_model(profile, 32, seed=settings.seed)
 pairs = list(zip(first.get_weights(), second.get_weights(), strict=True))
 fitted_weights = first.get_weights()
 recompute_batch_norm_statistics(first, train_data.images, settings.batch_size, settings.training_seed)
+# With the smear source: a planned epoch (repeated infected crops, a draw of uninfected ones), weighted.
+smear_data = SplitData(pd.DataFrame({"source": ["nih"] * 64 + ["smear"] * 32}), train_data.images, labels)
+planned = settings.model_copy(
+    update={"smear_infected_repeat": 2, "smear_uninfected_per_epoch": 4, "smear_loss_weight": 2.0}
+)
+unweighted = planned.model_copy(update={"smear_loss_weight": 1.0})
+(plan_a, plan_history), (plan_b, _), (plan_unweighted, _) = [
+    fit_model(profile, ModelSpec(image_size=32), s, smear_data, val_data) for s in (planned, planned, unweighted)
+]
 print(json.dumps({
+    "planned_epochs": len(plan_history["loss"]),
+    "planned_same_weights": all(np.array_equal(a, b) for a, b in zip(plan_a.get_weights(), plan_b.get_weights())),
+    "weights_used": any(not np.array_equal(a, b) for a, b in zip(plan_a.get_weights(), plan_unweighted.get_weights())),
     "epochs": len(first_history["loss"]),
     "same_history": first_history == second_history,
     "same_weights": all(np.array_equal(a, b) for a, b in pairs),
@@ -124,6 +136,9 @@ def test_deterministic_training_repeats_the_same_weights(tmp_path):
     outcome = json.loads(result.stdout.strip().splitlines()[-1])
     # "trained": the two runs are compared after their weights moved, not as two initialisations.
     assert outcome == {
+        "planned_epochs": 2,  # a plan is one pass over all epochs: Keras must not stop after the first
+        "planned_same_weights": True,
+        "weights_used": True,  # the smear loss weight reaches the loss
         "epochs": 2,
         "same_history": True,
         "same_weights": True,
