@@ -1,12 +1,17 @@
 """Where a model's smear misses come from: detection or classification, per split and capture block.
 
-    MALARIA_SMEAR_DIR=../shared/data/smears python -m benchmarks.smear_misses [--version N]
+    MALARIA_SMEAR_DIR=../shared/data/smears python -m benchmarks.smear_misses [--version N] [--with NAME:VERSION ...]
 
 In process (no service), for the validation and test fields of the smear split: infected boxed cells
 that no detected cell matches (IoU >= 0.5: lost before the model sees them), the matched ones the
 field rule calls Uninfected, and the matched uninfected cells called Parasitized, per capture block.
 For each undetected infected cell: the detected object that overlaps its box most (kind, area in
-expected cell areas, edge flag, IoU); and the quartiles of the false positives' probabilities.
+expected cell areas, edge flag, IoU); the quartiles of the false positives' probabilities; and the
+uninfected cells with and without a stain speck (``malaria.smear.crops.speckled``) and the false
+positives among each; the operating points: infected cells called and false positives at field
+thresholds from 0.5 to 0.95 (is there a threshold that meets both goals?). ``--with`` averages the
+probabilities of further registered models with the first one's (would an ensemble of training
+seeds be better?).
 """
 
 from __future__ import annotations
@@ -31,6 +36,7 @@ from malaria.smear.annotations import (
     match_boxes,
     split_fields,
 )
+from malaria.smear.crops import speckled
 from malaria.train import predict_probability
 
 
@@ -69,20 +75,55 @@ def nearest_object(name: str, box: tuple[int, int, int, int], regions: list) -> 
     }
 
 
+OPERATING_THRESHOLDS = (0.5, 0.6, 0.7, 0.8, 0.9, 0.95)
+
+
+def operating_points(infected: list[float], uninfected: list[float]) -> list[dict]:
+    """Infected cells called and false positives at each of ``OPERATING_THRESHOLDS`` (an undetected
+    infected cell has probability 0: it is never called)."""
+    infected_p, uninfected_p = np.array(infected), np.array(uninfected)
+    return [
+        {
+            "threshold": threshold,
+            "infected_called": int((infected_p >= threshold).sum()),
+            "sensitivity": round(float((infected_p >= threshold).mean()), 3) if len(infected_p) else None,
+            "false_positives": int((uninfected_p >= threshold).sum()),
+            "specificity": round(float((uninfected_p < threshold).mean()), 4) if len(uninfected_p) else None,
+        }
+        for threshold in OPERATING_THRESHOLDS
+    ]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--version", default=None, help="registered version (default: champion)")
-    version = parser.parse_args().version
+    parser.add_argument(
+        "--with",
+        dest="others",
+        action="append",
+        default=[],
+        metavar="NAME:VERSION",
+        help="a further registered model whose probabilities are averaged in (repeatable)",
+    )
+    arguments = parser.parse_args()
     settings = get_settings()
     if settings.smear_dir is None:
         raise SystemExit("set MALARIA_SMEAR_DIR to the annotated smear fields")
-    model, record = load_keras_model(settings, version)
+    model, record = load_keras_model(settings, arguments.version)
     spec = record.spec.for_fields()
+    members = [(model, record.spec)]
+    for other in arguments.others:
+        name, _, other_version = other.partition(":")
+        other_model, other_record = load_keras_model(
+            settings.model_copy(update={"registered_model_name": name}), other_version or None
+        )
+        members.append((other_model, other_record.spec))
     annotations = load_annotations(settings.smear_dir)
     parts = split_fields(sorted(annotations), settings.seed)
     blocks = capture_blocks(sorted(annotations))
     report: dict = {
         "version": record.version,
+        "averaged_with": arguments.others,
         "field_threshold": spec.threshold,
         "cells_boxed_twice": boxed_twice(settings.smear_dir / "annotations.json"),
     }
@@ -92,24 +133,37 @@ def main() -> None:
         matched_by_block: Counter[str] = Counter()
         lost: list[dict] = []
         false_positive_probability: list[float] = []
+        infected_probability: list[float] = []
+        uninfected_probability: list[float] = []
+        speck_counts: Counter[str] = Counter()
         for name in sorted(n for n in annotations if parts[n] == part):
             rgb = decode_image((settings.smear_dir / "images" / name).read_bytes(), max_pixels=None)
             field = prepare_field(rgb, spec, settings.smear_cell_diameter_px, time.perf_counter)
             cells = field.red_cells
-            probability = predict_probability(model, field.batch, spec) if cells else np.empty(0)
+            probability = (
+                np.mean([predict_probability(m, field.batch, member_spec) for m, member_spec in members], axis=0)
+                if cells
+                else np.empty(0)
+            )
             width, height = field.detection.image_size
             boxes = [b for b in annotations[name] if b.interior(width, height)]
             matches = match_boxes([b.xywh for b in boxes], [c.box for c in cells])
+            specks = speckled(np.asarray(rgb), field.detection.regions, cells, settings.smear_cell_diameter_px)
             for i, box in enumerate(boxes):
                 positive = bool(i in matches and probability[matches[i]] >= spec.threshold)
                 if box.infected:
                     infected += 1
+                    infected_probability.append(float(probability[matches[i]]) if i in matches else 0.0)
                     not_detected += int(i not in matches)
                     called += int(positive)
                     if i not in matches:
                         lost.append(nearest_object(name, box.xywh, field.detection.regions))
                 elif i in matches:
                     uninfected += 1
+                    uninfected_probability.append(float(probability[matches[i]]))
+                    kind = "speckled" if specks[matches[i]] else "plain"
+                    speck_counts[f"{kind}_cells"] += 1
+                    speck_counts[f"{kind}_false_positives"] += int(positive)
                     matched_by_block[f"block {blocks[name]:02d}"] += 1
                     false_positive[f"block {blocks[name]:02d}"] += int(positive)
                     if positive:
@@ -130,6 +184,8 @@ def main() -> None:
                 else None
             ),
             "infected_not_detected_as": lost,
+            "uninfected_by_speck": dict(sorted(speck_counts.items())),
+            "operating_points": operating_points(infected_probability, uninfected_probability),
         }
     print(json.dumps(report, indent=2))
 

@@ -405,10 +405,6 @@ def feedback_export(
     typer.echo(json.dumps(summary))
 
 
-if __name__ == "__main__":
-    app()
-
-
 UrlOption = Annotated[str, typer.Option(envvar="MALARIA_URL", help="Service URL.")]
 TokenOption = Annotated[str | None, typer.Option(envvar="MALARIA_API_TOKEN", help="Bearer token.")]
 DiameterOption = Annotated[
@@ -579,3 +575,7 @@ def model_card(
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(render(record, evaluation))
     typer.echo(f"model card of {record.name} v{record.version}: {out}")
+
+
+if __name__ == "__main__":
+    app()

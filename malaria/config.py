@@ -215,7 +215,16 @@ class Settings(BaseSettings):
         json_schema_extra={"dvc": "prepare"},
         default={"train": 10, "val": 40, "test": 10_000},
         description="Uninfected smear crops kept per field, by split (every infected one is kept; about 75 "
-        "uninfected cells per infected one in the shared set). Training draws from its pool each epoch.",
+        "uninfected cells per infected one in the shared set). Training takes the whole pool each epoch "
+        "unless smear_uninfected_per_epoch is set.",
+    )
+    smear_speckled_share: float = Field(
+        json_schema_extra={"dvc": "prepare"},
+        default=0.0,
+        ge=0,
+        le=1,
+        description="Share of a training field's uninfected crops drawn from cells with a stain speck (the cells "
+        "most often called Parasitized: malaria.smear.crops); validation and test stay uniform samples.",
     )
     smear_infected_repeat: int = Field(
         json_schema_extra={"dvc": "train"},

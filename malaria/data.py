@@ -388,6 +388,7 @@ def prepare(settings: Settings) -> tuple[pd.DataFrame, ValidationReport]:
             settings.smear_cell_diameter_px,
             settings.seed,
             settings.smear_uninfected_per_field,
+            settings.smear_speckled_share,
         )
         frame = pd.concat([frame, smear[frame.columns]], ignore_index=True)
     if settings.feedback_dir is not None:

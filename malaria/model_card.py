@@ -53,7 +53,7 @@ def render(record: RegisteredVersion, smear_eval: dict | None = None) -> str:
         "validation split by `malaria evaluate`)."
         + (
             f" Cells of smear fields, where infected cells are rare, use P >= {spec.field_threshold:.3f} (the "
-            "lowest threshold reaching the target specificity on smear validation cells) and refer "
+            "lowest threshold reaching the target specificity on smear validation cells, never below 0.5) and refer "
             f"[{spec.for_fields().refer_band[0]:.3f}, {spec.for_fields().refer_band[1]:.3f})."
             if spec.field_threshold is not None
             else ""

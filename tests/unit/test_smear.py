@@ -10,6 +10,7 @@ from PIL import Image, ImageFilter
 
 from malaria.smear.analysis import PreparedField, SmearTiming, prepare_field, summarise_field, wilson_percent
 from malaria.smear.annotations import capture_number, load_annotations, match_boxes, split_fields
+from malaria.smear.crops import sample_uninfected, speckled
 from malaria.smear.detect import cell_crop, detect_cells
 from malaria.smear.evaluation import score_field, summarise_scores
 from malaria.smear.render import COLOURS, annotate
@@ -104,6 +105,28 @@ def test_crops_are_the_cell_on_black(field, detection):
         assert (crop[0, 0] == 0).all() and (crop[-1, -1] == 0).all()  # corners of a round cell: black
         inside = crop[region.mask].astype(int)
         assert (np.abs(inside - np.array([200, 140, 150])).sum(axis=1) < 90).mean() > 0.8  # mostly cell pink
+
+
+def test_speckled_cells_are_the_ones_with_a_dark_spot_inside(field, detection):
+    cells = detection.counted
+    matches = match_boxes(field.cells, [c.box for c in cells])
+    flags = speckled(np.asarray(field.image), detection.regions, cells, cell_diameter_px=40)
+    assert len(matches) == len(field.cells) and 0 < flags.sum() < len(cells)
+    for box, cell in matches.items():  # the generated parasite is the only dark spot a cell can carry
+        assert flags[cell] == field.infected[box]
+
+
+def test_sampling_takes_the_speckled_share_then_draws_the_rest_from_all():
+    specks = np.zeros(100, bool)
+    specks[[3, 17, 42, 77, 90, 95]] = True
+    kept = sample_uninfected(100, 10, specks, 0.5, np.random.default_rng(0))
+    assert len(kept) == len(set(kept)) == 10 and kept == sorted(kept)
+    assert specks[kept].sum() >= 5  # half the sample, plus any speckled cell the uniform draw picks
+    few = sample_uninfected(100, 10, specks, 1.0, np.random.default_rng(0))
+    assert set(np.flatnonzero(specks)) <= set(few) and len(few) == 10  # fewer speckled than asked: all, then others
+    plain = sample_uninfected(100, 10, specks, 0.0, np.random.default_rng(7))
+    assert plain == sorted(np.random.default_rng(7).choice(100, 10, replace=False).tolist())  # share 0: uniform
+    assert sample_uninfected(6, 10, specks[:6], 0.5, np.random.default_rng(0)) == list(range(6))
 
 
 def test_wilson_interval_matches_the_textbook_values():
