@@ -38,7 +38,7 @@ def sample_images(n: int = 256) -> list[bytes]:
     """Real cell images when MALARIA_DATA_DIR is set, else generated ones (PNG bytes)."""
     from malaria.data import generate_synthetic
 
-    root = os.environ.get("MALARIA_DATA_DIR")
+    root: str | Path | None = os.environ.get("MALARIA_DATA_DIR")
     if not root:
         root = generate_synthetic(Path(tempfile.mkdtemp()) / "cells", per_class=n // 2, size=128)
     paths = sorted(Path(root).rglob("*.png"))
@@ -82,12 +82,11 @@ def field_time_shares(url: str, fields: list[bytes]) -> dict:
 
 async def predict_beside_fields(url: str, images: list[bytes], fields: list[bytes]) -> tuple[dict, dict]:
     """/predict at concurrency 8 while one client analyses fields back to back: does a field starve cells?"""
-    return tuple(
-        await asyncio.gather(
-            load(url, "predict", "image", images, 8),
-            load(url, "analyze_smear", "image", fields, 1),
-        )
+    cells, smears = await asyncio.gather(
+        load(url, "predict", "image", images, 8),
+        load(url, "analyze_smear", "image", fields, 1),
     )
+    return cells, smears
 
 
 def in_process_limit(images: list[bytes], batch_size: int) -> float:
@@ -100,7 +99,7 @@ def in_process_limit(images: list[bytes], batch_size: int) -> float:
 
     from malaria.bento import load_runtime, stored_spec
     from malaria.config import get_settings
-    from malaria.preprocess import preprocess_batch
+    from malaria.preprocess import ImageSource, preprocess_batch
 
     settings = get_settings()
     all_cores = settings.model_copy(update={"tf_intra_op_threads": os.cpu_count() or 1})
@@ -109,7 +108,7 @@ def in_process_limit(images: list[bytes], batch_size: int) -> float:
     predict = load_runtime(stored, all_cores).predict
 
     def step(i: int) -> None:
-        chosen = [images[(i + k) % len(images)] for k in range(batch_size)]
+        chosen: list[ImageSource] = [images[(i + k) % len(images)] for k in range(batch_size)]
         spec.probability_positive(predict(preprocess_batch(chosen, spec)))
 
     step(0)
@@ -194,7 +193,7 @@ async def load(url: str, route: str, field: str, images: list[bytes], concurrenc
                 try:
                     async with session.post(f"{url}/{route}", data=form) as response:
                         await response.read()
-                        status = response.status
+                        status: int | str = response.status
                 except aiohttp.ClientError as exc:
                     status = type(exc).__name__
                 if state["measuring"]:

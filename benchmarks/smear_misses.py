@@ -8,10 +8,11 @@ field rule calls Uninfected, and the matched uninfected cells called Parasitized
 For each undetected infected cell: the detected object that overlaps its box most (kind, area in
 expected cell areas, edge flag, IoU); the quartiles of the false positives' probabilities; and the
 uninfected cells with and without a stain speck (``malaria.smear.crops.speckled``) and the false
-positives among each; the operating points: infected cells called and false positives at field
-thresholds from 0.5 to 0.95 (is there a threshold that meets both goals?). ``--with`` averages the
-probabilities of further registered models with the first one's (would an ensemble of training
-seeds be better?).
+positives among each; how many false positives and infected cells the field's refer band sends to a
+person (``referred``: what the review queue can settle); the operating points: infected cells
+called and false positives at field thresholds from 0.5 to 0.95 (is there a threshold that meets
+both goals?). ``--with`` averages the probabilities of further registered models with the first
+one's (would an ensemble of training seeds be better?).
 """
 
 from __future__ import annotations
@@ -136,6 +137,7 @@ def main() -> None:
         infected_probability: list[float] = []
         uninfected_probability: list[float] = []
         speck_counts: Counter[str] = Counter()
+        referred: Counter[str] = Counter()
         for name in sorted(n for n in annotations if parts[n] == part):
             rgb = decode_image((settings.smear_dir / "images" / name).read_bytes(), max_pixels=None)
             field = prepare_field(rgb, spec, settings.smear_cell_diameter_px, time.perf_counter)
@@ -151,11 +153,16 @@ def main() -> None:
             specks = speckled(np.asarray(rgb), field.detection.regions, cells, settings.smear_cell_diameter_px)
             for i, box in enumerate(boxes):
                 positive = bool(i in matches and probability[matches[i]] >= spec.threshold)
+                refer = bool(i in matches and spec.decision(float(probability[matches[i]])) == "refer")
+                if i in matches:
+                    referred["matched_cells"] += 1
+                    referred["matched_cells_referred"] += int(refer)
                 if box.infected:
                     infected += 1
                     infected_probability.append(float(probability[matches[i]]) if i in matches else 0.0)
                     not_detected += int(i not in matches)
                     called += int(positive)
+                    referred["infected_called_referred"] += int(positive and refer)
                     if i not in matches:
                         lost.append(nearest_object(name, box.xywh, field.detection.regions))
                 elif i in matches:
@@ -166,6 +173,7 @@ def main() -> None:
                     speck_counts[f"{kind}_false_positives"] += int(positive)
                     matched_by_block[f"block {blocks[name]:02d}"] += 1
                     false_positive[f"block {blocks[name]:02d}"] += int(positive)
+                    referred["false_positives_referred"] += int(positive and refer)
                     if positive:
                         false_positive_probability.append(float(probability[matches[i]]))
         report[part] = {
@@ -185,6 +193,7 @@ def main() -> None:
             ),
             "infected_not_detected_as": lost,
             "uninfected_by_speck": dict(sorted(speck_counts.items())),
+            "referred": {"refer_band": list(spec.refer_band), **dict(sorted(referred.items()))},
             "operating_points": operating_points(infected_probability, uninfected_probability),
         }
     print(json.dumps(report, indent=2))
