@@ -150,7 +150,7 @@ def main() -> None:
             width, height = field.detection.image_size
             boxes = [b for b in annotations[name] if b.interior(width, height)]
             matches = match_boxes([b.xywh for b in boxes], [c.box for c in cells])
-            specks = speckled(np.asarray(rgb), field.detection.regions, cells, settings.smear_cell_diameter_px)
+            specks = speckled(field.rgb, field.detection.regions, cells, settings.smear_cell_diameter_px)
             for i, box in enumerate(boxes):
                 positive = bool(i in matches and probability[matches[i]] >= spec.threshold)
                 refer = bool(i in matches and spec.decision(float(probability[matches[i]])) == "refer")
