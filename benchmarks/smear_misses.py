@@ -1,6 +1,7 @@
 """Where a model's smear misses come from: detection or classification, per split and capture block.
 
-    MALARIA_SMEAR_DIR=../shared/data/smears python -m benchmarks.smear_misses [--version N] [--with NAME:VERSION ...]
+    MALARIA_SMEAR_DIR=../shared/data/smears python -m benchmarks.smear_misses \
+        [--version N] [--with NAME:VERSION ...] [--recolour S:H]
 
 In process (no service), for the validation and test fields of the smear split: infected boxed cells
 that no detected cell matches (IoU >= 0.5: lost before the model sees them), the matched ones the
@@ -12,7 +13,8 @@ positives among each; how many false positives and infected cells the field's re
 person (``referred``: what the review queue can settle); the operating points: infected cells
 called and false positives at field thresholds from 0.5 to 0.95 (is there a threshold that meets
 both goals?). ``--with`` averages the probabilities of further registered models with the first
-one's (would an ensemble of training seeds be better?).
+one's (would an ensemble of training seeds be better?). ``--recolour`` shifts every field's colours
+before detection, to see how a model holds up on a stain the shared fields do not have.
 """
 
 from __future__ import annotations
@@ -23,6 +25,8 @@ import time
 from collections import Counter
 
 import numpy as np
+from PIL import Image
+from skimage.color import hsv2rgb, rgb2hsv
 
 from malaria.config import get_settings
 from malaria.preprocess import decode_image
@@ -76,6 +80,20 @@ def nearest_object(name: str, box: tuple[int, int, int, int], regions: list) -> 
     }
 
 
+def recolour_setting(text: str) -> tuple[float, float]:
+    """``SATURATION:HUE`` as two floats."""
+    saturation, _, hue = text.partition(":")
+    return float(saturation), float(hue or 0)
+
+
+def recolour(image: Image.Image, saturation: float, hue: float) -> Image.Image:
+    """The field with its saturation scaled and its hue turned (HSV): another stain."""
+    hsv = rgb2hsv(np.asarray(image))
+    hsv[..., 0] = np.mod(hsv[..., 0] + hue, 1.0)
+    hsv[..., 1] = np.clip(hsv[..., 1] * saturation, 0.0, 1.0)
+    return Image.fromarray((hsv2rgb(hsv) * 255).round().astype(np.uint8))
+
+
 OPERATING_THRESHOLDS = (0.5, 0.6, 0.7, 0.8, 0.9, 0.95)
 
 
@@ -98,6 +116,14 @@ def operating_points(infected: list[float], uninfected: list[float]) -> list[dic
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--version", default=None, help="registered version (default: champion)")
+    parser.add_argument(
+        "--recolour",
+        type=recolour_setting,
+        default=None,
+        metavar="SATURATION:HUE",
+        help="scale every field's saturation by SATURATION and turn its hue by HUE (a fraction of the colour "
+        "circle) before detection: a stain the shared fields do not have, e.g. 0.6:0.03",
+    )
     parser.add_argument(
         "--with",
         dest="others",
@@ -126,6 +152,7 @@ def main() -> None:
         "version": record.version,
         "averaged_with": arguments.others,
         "field_threshold": spec.threshold,
+        "recolour": arguments.recolour,
         "cells_boxed_twice": boxed_twice(settings.smear_dir / "annotations.json"),
     }
     for part in ("val", "test"):
@@ -140,6 +167,8 @@ def main() -> None:
         referred: Counter[str] = Counter()
         for name in sorted(n for n in annotations if parts[n] == part):
             rgb = decode_image((settings.smear_dir / "images" / name).read_bytes(), max_pixels=None)
+            if arguments.recolour is not None:
+                rgb = recolour(rgb, *arguments.recolour)
             field = prepare_field(rgb, spec, settings.smear_cell_diameter_px, time.perf_counter)
             cells = field.red_cells
             probability = (

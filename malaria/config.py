@@ -113,6 +113,15 @@ class Settings(BaseSettings):
     max_train_images: int | None = Field(
         json_schema_extra={"dvc": "train"}, default=None, description="Cap per split, for smoke runs."
     )
+    stain_jitter: float = Field(
+        json_schema_extra={"dvc": "train"},
+        default=0.5,
+        ge=0,
+        lt=1,
+        description="Colour augmentation in training, for other stains: each image's saturation scaled by "
+        "1 +/- this and its hue turned by up to an eighth of it (of the colour circle); 0: none "
+        "(measured in docs/training.md).",
+    )
     artifacts_dir: Path = Field(
         default=Path("training_artifacts"),
         description="Where a training run writes the model, spec, metrics and plots.",

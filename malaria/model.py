@@ -91,8 +91,10 @@ def augmentation_pipeline(
     seed: int,
     deterministic: bool = False,
     plan: tuple[np.ndarray, np.ndarray] | None = None,
+    stain_jitter: float = 0.0,
 ):
-    """An augmented ``tf.data`` pipeline of training batches: flips, rotations, brightness and contrast jitter.
+    """An augmented ``tf.data`` pipeline of training batches: flips, rotations, brightness and contrast
+    jitter, and with ``stain_jitter`` > 0 saturation (1 +/- it) and hue (+/- it / 8) jitter.
 
     Without ``plan``: every image once per epoch, reshuffled each epoch, as ``(x, y)`` batches. With
     ``plan = (epoch_indices, weights)`` (``malaria.train.epoch_plan``): each row of ``epoch_indices``
@@ -110,9 +112,22 @@ def augmentation_pipeline(
         x = tf.image.random_flip_left_right(x)
         x = tf.image.random_flip_up_down(x)
         x = rotation(x, training=True)
+        # Brightness and contrast are drawn once per batch (tf.image.random_* on a batch), as for every
+        # model measured so far; the stain jitter below is drawn per image.
         x = tf.image.random_brightness(x, 0.08)
         x = tf.image.random_contrast(x, 0.85, 1.15)
+        if stain_jitter > 0:  # at 0 no random draw is added: earlier models train again as they were
+            x = jitter_stain(x, stain_jitter)
         return tf.clip_by_value(x, 0.0, 1.0), y, *weight
+
+    def jitter_stain(x, amount: float):
+        # Per image: tf.image.random_saturation and random_hue draw one factor for the whole batch,
+        # which the batch norm of a training step would largely normalise away.
+        hsv = tf.image.rgb_to_hsv(x)
+        shape = (tf.shape(x)[0], 1, 1)
+        hue = tf.math.floormod(hsv[..., 0] + tf.random.uniform(shape, -amount / 8, amount / 8), 1.0)
+        saturation = tf.clip_by_value(hsv[..., 1] * tf.random.uniform(shape, 1 - amount, 1 + amount), 0.0, 1.0)
+        return tf.image.hsv_to_rgb(tf.stack([hue, saturation, hsv[..., 2]], axis=-1))
 
     parallel = None if deterministic else tf.data.AUTOTUNE
     if plan is None:

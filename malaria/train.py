@@ -233,6 +233,7 @@ def fit_model(
             settings.training_seed,
             settings.deterministic,
             None if plan is None else (plan.indices, plan.weights),
+            settings.stain_jitter,
         ),
         validation_data=(val_data.images, val_data.labels),
         validation_batch_size=256,

@@ -46,3 +46,25 @@ def test_a_model_without_batch_norm_is_left_alone():
     weights = [w.copy() for w in model.get_weights()]
     assert recompute_batch_norm_statistics(model, np.ones((4, 8, 8, 3), np.float32), batch_size=2, seed=0) == 0
     assert all(np.array_equal(a, b) for a, b in zip(weights, model.get_weights(), strict=True))
+
+
+def test_stain_jitter_varies_a_cells_hue_and_saturation_and_is_off_by_default():
+    import tensorflow as tf
+
+    from malaria.model import augmentation_pipeline
+
+    image = np.zeros((32, 32, 3), np.float32)
+    yy, xx = np.mgrid[:32, :32]
+    image[(yy - 16) ** 2 + (xx - 16) ** 2 < 100] = (0.75, 0.45, 0.6)  # a magenta cell on black
+    images, labels = np.repeat(image[None], 64, axis=0), np.zeros(64, np.float32)
+
+    def centre_hue_and_saturation(stain_jitter: float) -> np.ndarray:
+        x, _ = next(iter(augmentation_pipeline(images, labels, 64, seed=0, stain_jitter=stain_jitter)))
+        return tf.image.rgb_to_hsv(x[:, 16, 16, :]).numpy()[:, :2]
+
+    plain, jittered = centre_hue_and_saturation(0.0), centre_hue_and_saturation(0.5)
+    spread = lambda hs: np.ptp(hs, axis=0)  # noqa: E731
+    # Brightness and contrast jitter alone barely move the hue; the stain jitter moves both.
+    assert spread(jittered)[0] > 5 * spread(plain)[0]
+    assert spread(jittered)[1] > 2 * spread(plain)[1]
+    assert spread(jittered)[1] > 0.2
