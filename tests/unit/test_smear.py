@@ -249,3 +249,35 @@ def test_a_cell_boxed_twice_counts_once_and_keeps_its_infected_label():
     kept = one_box_per_cell([rbc_twin, alone, ring, dup_a, dup_b, neighbour])
     assert kept == [alone, ring, dup_a, neighbour]  # file order kept
     assert one_box_per_cell([alone]) == [alone] and one_box_per_cell([]) == []
+
+
+def test_two_cells_left_as_one_object_are_cut_in_two_and_a_large_round_cell_is_not():
+    """The watershed can leave two joined cells whole (on the shared fields, an infected cell and its
+    neighbour, matched at IoU 0.43-0.46): an object of 1.2 to 2.2 cells' area that is not convex is cut in
+    two; an enlarged P. vivax cell, as large but round, stays one cell."""
+    from malaria.smear.detect import _split_clumps
+
+    yy, xx = np.mgrid[0:120, 0:160]
+    radius = 20.0  # a 40-px cell
+    expected_area = np.pi * radius**2
+    disks = [(xx - cx) ** 2 + (yy - 60) ** 2 < radius**2 for cx in (58, 102)]
+    joined = (disks[0] | disks[1]).astype(np.int32)
+    assert 1.2 < joined.sum() / expected_area < 2.2
+    parts = _split_clumps(joined, expected_area, np.zeros(joined.shape, bool))
+    assert sorted(np.unique(parts)) == [0, 1, 2]
+    boxes = []
+    for label in (1, 2):
+        ys, xs = np.nonzero(parts == label)
+        boxes.append((xs.min(), ys.min(), xs.max() - xs.min() + 1, ys.max() - ys.min() + 1))
+    disk_boxes = [(cx - 20, 40, 40, 40) for cx in (58, 102)]
+    assert len(match_boxes(disk_boxes, boxes, min_iou=0.7)) == 2
+
+    enlarged = ((xx - 80) ** 2 + (yy - 60) ** 2 < 1.6 * radius**2).astype(np.int32)
+    kept = _split_clumps(enlarged, expected_area, np.zeros(enlarged.shape, bool))
+    assert (kept == enlarged).all()
+
+    # One cell with a bite out of its rim (cut by a neighbour's edge): not convex, but one cell's area.
+    bitten = (((xx - 80) ** 2 + (yy - 60) ** 2 < radius**2) & ~((xx - 100) ** 2 + (yy - 60) ** 2 < 12**2)).astype(
+        np.int32
+    )
+    assert (_split_clumps(bitten, expected_area, np.zeros(bitten.shape, bool)) == bitten).all()

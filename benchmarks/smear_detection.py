@@ -1,0 +1,66 @@
+"""The detector alone on the annotated fields, per split: what a detector change is chosen on.
+
+    MALARIA_SMEAR_DIR=../shared/data/smears python -m benchmarks.smear_detection [--cell-diameter-px 80]
+
+No model: for the training, validation and test fields of the smear split (by capture block), the
+boxed interior cells matched by a detected red cell at IoU >= 0.5 (recall) and the infected ones
+among them. A detector setting is chosen on the training and validation fields; the test line is read
+once it is chosen. Infected cells the detector misses can never be called Parasitized, so the test
+line's infected count caps the service's sensitivity.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+
+from malaria.config import get_settings
+from malaria.preprocess import decode_image
+from malaria.smear.annotations import load_annotations, match_boxes, split_fields
+from malaria.smear.detect import detect_cells
+
+
+def main() -> None:
+    settings = get_settings()
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--cell-diameter-px", type=float, default=settings.smear_cell_diameter_px)
+    args = parser.parse_args()
+    if settings.smear_dir is None:
+        raise SystemExit("set MALARIA_SMEAR_DIR to an annotated smear folder")
+    smear_dir = Path(settings.smear_dir)
+    annotations = load_annotations(smear_dir)
+    parts = split_fields(sorted(annotations), seed=settings.seed)
+    report = {}
+    for part in ("train", "val", "test"):
+        boxed = matched = infected = infected_matched = 0
+        seconds = []
+        names = sorted(name for name in annotations if parts[name] == part)
+        for name in names:
+            rgb = np.asarray(decode_image((smear_dir / "images" / name).read_bytes()))
+            height, width = rgb.shape[:2]
+            started = time.perf_counter()
+            found = detect_cells(rgb, args.cell_diameter_px)
+            seconds.append(time.perf_counter() - started)
+            boxes = [box for box in annotations[name] if box.interior(width, height)]
+            pairs = match_boxes([box.xywh for box in boxes], [r.box for r in found.regions if r.kind == "red_cell"])
+            boxed += len(boxes)
+            matched += len(pairs)
+            infected += sum(box.infected for box in boxes)
+            infected_matched += sum(boxes[i].infected for i in pairs)
+        report[part] = {
+            "fields": len(names),
+            "recall": round(matched / max(boxed, 1), 4),
+            "boxed_cells": boxed,
+            "infected_matched": infected_matched,
+            "infected": infected,
+            "seconds_per_field_median": round(float(np.median(seconds)), 3) if seconds else None,
+        }
+    print(json.dumps(report, indent=1))
+
+
+if __name__ == "__main__":
+    main()
