@@ -20,8 +20,9 @@ import numpy as np
 
 from malaria.config import get_settings
 from malaria.preprocess import decode_image
-from malaria.smear.annotations import load_annotations, match_boxes, split_fields
+from malaria.smear.annotations import load_annotations, split_fields
 from malaria.smear.detect import detect_cells
+from malaria.smear.evaluation import score_field
 
 
 def main() -> None:
@@ -36,28 +37,31 @@ def main() -> None:
     parts = split_fields(sorted(annotations), seed=settings.seed)
     report = {}
     for part in ("train", "val", "test"):
-        boxed = matched = infected = infected_matched = 0
-        seconds = []
-        names = sorted(name for name in annotations if parts[name] == part)
-        for name in names:
+        scores = []
+        for name in sorted(name for name in annotations if parts[name] == part):
             rgb = np.asarray(decode_image((smear_dir / "images" / name).read_bytes()))
-            height, width = rgb.shape[:2]
             started = time.perf_counter()
             found = detect_cells(rgb, args.cell_diameter_px)
-            seconds.append(time.perf_counter() - started)
-            boxes = [box for box in annotations[name] if box.interior(width, height)]
-            pairs = match_boxes([box.xywh for box in boxes], [r.box for r in found.regions if r.kind == "red_cell"])
-            boxed += len(boxes)
-            matched += len(pairs)
-            infected += sum(box.infected for box in boxes)
-            infected_matched += sum(boxes[i].infected for i in pairs)
+            seconds = time.perf_counter() - started
+            # Every detected red cell called Parasitized: the evaluation's infected cells "called" are then
+            # the infected cells the detector found.
+            cells = [{"box": list(r.box), "label": "Parasitized"} for r in found.regions if r.kind == "red_cell"]
+            answer = {
+                "image_size": list(found.image_size),
+                "cells": cells,
+                "usable": found.usable,
+                "counts": {"cells": len(found.counted)},
+                "parasitemia_percent": None,
+            }
+            scores.append(score_field(name, annotations[name], answer, seconds))
+        boxed = sum(s.boxed for s in scores)
         report[part] = {
-            "fields": len(names),
-            "recall": round(matched / max(boxed, 1), 4),
+            "fields": len(scores),
+            "recall": round(sum(s.matched for s in scores) / max(boxed, 1), 4),
             "boxed_cells": boxed,
-            "infected_matched": infected_matched,
-            "infected": infected,
-            "seconds_per_field_median": round(float(np.median(seconds)), 3) if seconds else None,
+            "infected_matched": sum(s.infected_called for s in scores),
+            "infected": sum(s.infected_boxed for s in scores),
+            "seconds_per_field_median": round(float(np.median([s.seconds for s in scores])), 3) if scores else None,
         }
     print(json.dumps(report, indent=1))
 

@@ -125,23 +125,19 @@ def test_the_heatmap_of_a_cell_sits_on_its_parasite(server, champion):
     yy, xx = np.mgrid[0:size, 0:size]
     cell = np.zeros((size, size, 3), np.uint8)
     cell[(xx - 24) ** 2 + (yy - 24) ** 2 < 18**2] = (200, 140, 150)
-
-    def explain(image: np.ndarray) -> dict:
-        buffer = io.BytesIO()
-        Image.fromarray(image).save(buffer, format="PNG")
-        return httpx.post(
-            f"{server.url}/explain",
-            files={"image": ("cell.png", buffer.getvalue(), "image/png")},
-            headers={"Authorization": "Bearer lab-secret"},
-            timeout=60,
-        ).json()
-
     dot = (xx - 31) ** 2 + (yy - 17) ** 2 < 3**2
     # A dot between the cell's colour and the training parasites' (95, 40, 120): the tiny test model's P
     # stays short of 1.0, so hiding it shows. (140, 80, 140) gave P 0.44 on a Xeon with AMX, where the tiny
     # model trains to other weights: the map then explains Uninfected and shows no heat on the dot.
     cell[dot] = (120, 60, 135)
-    answer = explain(cell)
+    buffer = io.BytesIO()
+    Image.fromarray(cell).save(buffer, format="PNG")
+    answer = httpx.post(
+        f"{server.url}/explain",
+        files={"image": ("cell.png", buffer.getvalue(), "image/png")},
+        headers={"Authorization": "Bearer lab-secret"},
+        timeout=60,
+    ).json()
     assert answer["label"] == "Parasitized" and answer["method"] == "occlusion", answer["probability_parasitized"]
     heat = np.clip(np.asarray(answer["heatmap"]), 0, None)
     assert heat.shape == (model_size, model_size)
