@@ -248,6 +248,13 @@ class Settings(BaseSettings):
         description="Uninfected smear crops drawn afresh each training epoch from the training pool; unset = "
         "all of it (a larger pool drawn from cost NIH accuracy: docs/training.md).",
     )
+    smear_hard_negatives: int = Field(
+        json_schema_extra={"dvc": "train"},
+        default=0,
+        ge=0,
+        description="Hard-negative mining: of each epoch's smear_uninfected_per_epoch uninfected smear crops, this "
+        "many are the pool's highest-scored under the model after the epoch before (0: all drawn at random).",
+    )
     smear_loss_weight: float = Field(
         json_schema_extra={"dvc": "train"},
         default=1.0,
@@ -333,6 +340,15 @@ class Settings(BaseSettings):
             raise ValueError(
                 "MALARIA_REQUIRE_TOKEN is set but MALARIA_API_TOKEN is not: refusing to serve without auth "
                 "(set the token, or MALARIA_REQUIRE_TOKEN=false to serve without it on purpose)"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _hard_negatives_need_a_draw(self) -> Settings:
+        if self.smear_hard_negatives and self.smear_uninfected_per_epoch is None:
+            raise ValueError(
+                "MALARIA_SMEAR_HARD_NEGATIVES picks among each epoch's drawn uninfected smear crops: set "
+                "MALARIA_SMEAR_UNINFECTED_PER_EPOCH (smaller than the pool) too"
             )
         return self
 

@@ -88,6 +88,7 @@ def epoch_plan(
     infected_repeat: int = 1,
     uninfected_per_epoch: int | None = None,
     smear_weight: float = 1.0,
+    hard_negatives: np.ndarray | None = None,
 ) -> EpochPlan:
     """Each epoch: every image once, shuffled, except the smear source's crops.
 
@@ -95,6 +96,8 @@ def epoch_plan(
     infected one), and ``uninfected_per_epoch`` uninfected smear crops are drawn afresh from the pool
     (None: all of it), so the epochs together see many cells of each training field at the cost of a
     few. Smear crops weigh ``smear_weight`` in the loss. A frame without a source column is all NIH.
+    ``hard_negatives`` (pool indices, ``hardest_negatives``) are part of every epoch's draw; the rest
+    of it is random.
     """
     rng = np.random.default_rng(seed)
     smear = (frame["source"] == SMEAR).to_numpy() if "source" in frame else np.zeros(len(labels), bool)
@@ -102,10 +105,28 @@ def epoch_plan(
     pool = np.flatnonzero(smear & (labels == 0))
     fixed = np.concatenate([np.flatnonzero(~smear), np.repeat(infected, infected_repeat)])
     draw = len(pool) if uninfected_per_epoch is None else min(uninfected_per_epoch, len(pool))
+    hard = np.empty(0, np.int64) if hard_negatives is None else np.asarray(hard_negatives, np.int64)[:draw]
+    rest = np.setdiff1d(pool, hard)
     indices = np.stack(
-        [rng.permutation(np.concatenate([fixed, rng.choice(pool, draw, replace=False)])) for _ in range(epochs)]
+        [
+            rng.permutation(np.concatenate([fixed, hard, rng.choice(rest, draw - len(hard), replace=False)]))
+            for _ in range(epochs)
+        ]
     )
     return EpochPlan(indices, np.where(smear, smear_weight, 1.0).astype(np.float32))
+
+
+def hardest_negatives(
+    frame: pd.DataFrame, labels: np.ndarray, score: Callable[[np.ndarray], np.ndarray], count: int
+) -> np.ndarray:
+    """The ``count`` uninfected smear crops that ``score`` (indices -> P(Parasitized)) rates highest.
+
+    Hard-negative mining's pick, highest first.
+    """
+    if "source" not in frame or count <= 0:
+        return np.empty(0, np.int64)
+    pool = np.flatnonzero((frame["source"] == SMEAR).to_numpy() & (labels == 0))
+    return pool[np.argsort(-score(pool), kind="stable")[:count]]
 
 
 def metrics_by_source(prefix: str, data: SplitData, probability: np.ndarray, threshold: float) -> dict[str, float]:
@@ -225,31 +246,67 @@ def fit_model(
         loss="binary_crossentropy",
         metrics=["accuracy", keras.metrics.AUC(name="auc")],
     )
-    fit = model.fit(
-        augmentation_pipeline(
+
+    def fit(indices: np.ndarray | None, seed: int, first_epoch: int, last_epoch: int) -> dict[str, list[float]]:
+        pipeline = augmentation_pipeline(
             train_data.images,
             train_data.labels,
             settings.batch_size,
-            settings.training_seed,
+            seed,
             settings.deterministic,
-            None if plan is None else (plan.indices, plan.weights),
+            None if plan is None or indices is None else (indices, plan.weights),
             settings.stain_jitter,
-        ),
-        validation_data=(val_data.images, val_data.labels),
-        validation_batch_size=256,
-        epochs=epochs,
-        # A plan is one pass over all epochs: Keras keeps the iterator across epochs when given the steps.
-        steps_per_epoch=None if plan is None else steps_per_epoch,
-        shuffle=False,  # the pipeline reshuffles every epoch; Keras cannot shuffle a tf.data.Dataset
-        verbose=0,
-        callbacks=[epoch_logger(epochs)],
-    )
+        )
+        fitted = model.fit(
+            pipeline,
+            validation_data=(val_data.images, val_data.labels),
+            validation_batch_size=256,
+            initial_epoch=first_epoch,
+            epochs=last_epoch,
+            # A plan is one pass over its epochs: Keras keeps the iterator across epochs when given the steps.
+            steps_per_epoch=None if plan is None else steps_per_epoch,
+            shuffle=False,  # the pipeline reshuffles every epoch; Keras cannot shuffle a tf.data.Dataset
+            verbose=0,
+            callbacks=[epoch_logger(epochs)],
+        )
+        return {k: [float(v) for v in values] for k, values in fitted.history.items() if k != "learning_rate"}
+
+    if plan is None or not settings.smear_hard_negatives:
+        history = fit(None if plan is None else plan.indices, settings.training_seed, 0, epochs)
+    else:
+        history = fit(plan.indices[:1], settings.training_seed, 0, 1)
+        predict = compiled_predict(model)
+        for epoch in range(1, epochs):
+            # Hard-negative mining: this epoch's uninfected smear crops include the pool's highest-scored
+            # under the model as it is now (a fit per epoch; the optimizer's schedule runs on).
+            hard = hardest_negatives(
+                train_data.frame,
+                train_data.labels,
+                lambda pool: batched_probability(predict, train_data.images[pool], spec),
+                settings.smear_hard_negatives,
+            )
+            row = _replan(train_data, settings, epoch, hard)
+            for key, values in fit(row, settings.training_seed + epoch, epoch, epoch + 1).items():
+                history.setdefault(key, []).extend(values)
     seen = train_data.images if plan is None else train_data.images[np.unique(plan.indices[0])]
     updated = recompute_batch_norm_statistics(model, seen, settings.batch_size, settings.training_seed)
     if updated:
         logger.info("batch norm statistics of %d layers recomputed over the training images", updated)
-    history = {k: [float(v) for v in values] for k, values in fit.history.items() if k != "learning_rate"}
     return model, history
+
+
+def _replan(train_data: SplitData, settings: Settings, epoch: int, hard: np.ndarray) -> np.ndarray:
+    """One epoch's row of the plan with ``hard`` negatives in its draw."""
+    return epoch_plan(
+        train_data.frame,
+        train_data.labels,
+        1,
+        settings.training_seed + epoch,
+        settings.smear_infected_repeat,
+        settings.smear_uninfected_per_epoch,
+        settings.smear_loss_weight,
+        hard_negatives=hard,
+    ).indices
 
 
 def train(settings: Settings, force: bool = False) -> RegisteredVersion:

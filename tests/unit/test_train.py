@@ -67,6 +67,41 @@ def test_an_epoch_repeats_infected_smear_crops_and_draws_fresh_uninfected_ones()
     assert sorted(whole.indices[0]) == list(range(6)) and whole.weights.tolist() == [1.0] * 6
 
 
+def test_hard_negative_mining_puts_the_highest_scored_uninfected_crops_in_the_draw():
+    import numpy as np
+    import pandas as pd
+
+    from malaria.train import epoch_plan, hardest_negatives
+
+    frame = pd.DataFrame({"source": ["nih"] * 6 + ["smear"] * 12})
+    labels = np.array([1, 0] * 3 + [1, 1] + [0] * 10)
+    score = np.full(18, 0.9)  # NIH and infected smear crops score highest: never picked
+    score[8:] = np.linspace(0.01, 0.1, 10)
+    score[[11, 15]] = [0.4, 0.45]  # uninfected smear crops 15 then 11 are the hardest
+    hard = hardest_negatives(frame, labels, lambda pool: score[pool], 2)
+    assert hard.tolist() == [15, 11]
+    assert hardest_negatives(frame, labels, lambda pool: score[pool], 0).size == 0
+    assert hardest_negatives(pd.DataFrame(), labels[:6], lambda pool: score[pool], 2).size == 0  # all NIH
+    plan = epoch_plan(frame, labels, 5, 3, infected_repeat=2, uninfected_per_epoch=3, hard_negatives=hard)
+    for row in plan.indices:
+        counts = np.bincount(row, minlength=18)
+        assert counts[15] == counts[11] == 1 and counts[8:].sum() == 3  # both hard ones, one at random
+    assert len({frozenset(row[row >= 8]) for row in plan.indices}) > 1
+    # Without hard negatives the plan is the one of every earlier model (same draws).
+    before = epoch_plan(frame, labels, 5, 3, infected_repeat=2, uninfected_per_epoch=3)
+    assert np.array_equal(before.indices, epoch_plan(frame, labels, 5, 3, 2, 3, hard_negatives=None).indices)
+
+
+def test_hard_negative_mining_needs_a_draw_smaller_than_the_pool():
+    import pydantic
+
+    from malaria.config import Settings
+
+    with pytest.raises(pydantic.ValidationError, match="UNINFECTED_PER_EPOCH"):
+        Settings(smear_hard_negatives=100)
+    assert Settings(smear_hard_negatives=100, smear_uninfected_per_epoch=400).smear_hard_negatives == 100
+
+
 def test_the_training_seed_defaults_to_the_split_seed(settings_factory):
     assert settings_factory(seed=7, train_seed=None).training_seed == 7
     assert settings_factory(seed=7, train_seed=3).training_seed == 3
@@ -106,11 +141,16 @@ planned = settings.model_copy(
     update={"smear_infected_repeat": 2, "smear_uninfected_per_epoch": 4, "smear_loss_weight": 2.0}
 )
 unweighted = planned.model_copy(update={"smear_loss_weight": 1.0})
-(plan_a, plan_history), (plan_b, _), (plan_unweighted, _) = [
-    fit_model(profile, ModelSpec(image_size=32), s, smear_data, val_data) for s in (planned, planned, unweighted)
+mined = planned.model_copy(update={"smear_hard_negatives": 2})
+(plan_a, plan_history), (plan_b, _), (plan_unweighted, _), (mined_a, mined_history), (mined_b, _) = [
+    fit_model(profile, ModelSpec(image_size=32), s, smear_data, val_data)
+    for s in (planned, planned, unweighted, mined, mined)
 ]
 print(json.dumps({
     "planned_epochs": len(plan_history["loss"]),
+    "mined_epochs": len(mined_history["loss"]),
+    "mined_same_weights": all(np.array_equal(a, b) for a, b in zip(mined_a.get_weights(), mined_b.get_weights())),
+    "mining_used": any(not np.array_equal(a, b) for a, b in zip(plan_a.get_weights(), mined_a.get_weights())),
     "planned_same_weights": all(np.array_equal(a, b) for a, b in zip(plan_a.get_weights(), plan_b.get_weights())),
     "weights_used": any(not np.array_equal(a, b) for a, b in zip(plan_a.get_weights(), plan_unweighted.get_weights())),
     "epochs": len(first_history["loss"]),
@@ -123,7 +163,7 @@ print(json.dumps({
 """
 
 
-@pytest.mark.slow  # three small trainings: `make test-fast` promises none
+@pytest.mark.slow  # small trainings: `make test-fast` promises none
 def test_deterministic_training_repeats_the_same_weights(tmp_path):
     result = subprocess.run(
         [sys.executable, "-c", REPEATED_FIT, str(tmp_path)],
@@ -138,6 +178,9 @@ def test_deterministic_training_repeats_the_same_weights(tmp_path):
     assert outcome == {
         "planned_epochs": 2,  # a plan is one pass over all epochs: Keras must not stop after the first
         "planned_same_weights": True,
+        "mined_epochs": 2,  # one fit per epoch, the epochs' histories joined
+        "mined_same_weights": True,
+        "mining_used": True,  # the second epoch's draw holds the mined crops
         "weights_used": True,  # the smear loss weight reaches the loss
         "epochs": 2,
         "same_history": True,
