@@ -222,10 +222,10 @@ class Settings(BaseSettings):
     )
     smear_uninfected_per_field: dict[str, int] = Field(
         json_schema_extra={"dvc": "prepare"},
-        default={"train": 10, "val": 40, "test": 10_000},
+        default={"train": 40, "val": 40, "test": 10_000},
         description="Uninfected smear crops kept per field, by split (every infected one is kept; about 75 "
-        "uninfected cells per infected one in the shared set). Training takes the whole pool each epoch "
-        "unless smear_uninfected_per_epoch is set.",
+        "uninfected cells per infected one in the shared set): the training pool that "
+        "smear_uninfected_per_epoch draws from.",
     )
     smear_speckled_share: float = Field(
         json_schema_extra={"dvc": "prepare"},
@@ -243,14 +243,14 @@ class Settings(BaseSettings):
     )
     smear_uninfected_per_epoch: int | None = Field(
         json_schema_extra={"dvc": "train"},
-        default=None,
+        default=1600,
         ge=0,
-        description="Uninfected smear crops drawn afresh each training epoch from the training pool; unset = "
-        "all of it (a larger pool drawn from cost NIH accuracy: docs/training.md).",
+        description="Uninfected smear crops drawn afresh each training epoch from the training pool, "
+        "smear_hard_negatives of them mined; unset = all of it (docs/training.md).",
     )
     smear_hard_negatives: int = Field(
         json_schema_extra={"dvc": "train"},
-        default=0,
+        default=400,
         ge=0,
         description="Hard-negative mining: of each epoch's smear_uninfected_per_epoch uninfected smear crops, this "
         "many are the pool's highest-scored under the model after the epoch before (0: all drawn at random).",

@@ -8,6 +8,7 @@ pooling) at reduced width with batch norm, which trains to full accuracy on two 
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import numpy as np
@@ -90,7 +91,7 @@ def augmentation_pipeline(
     batch_size: int,
     seed: int,
     deterministic: bool = False,
-    plan: tuple[np.ndarray, np.ndarray] | None = None,
+    plan: tuple[np.ndarray | Callable[[], Iterator[np.ndarray]], np.ndarray] | None = None,
     stain_jitter: float = 0.0,
 ):
     """An augmented ``tf.data`` pipeline of training batches: flips, rotations, brightness and contrast
@@ -99,8 +100,9 @@ def augmentation_pipeline(
     Without ``plan``: every image once per epoch, reshuffled each epoch, as ``(x, y)`` batches. With
     ``plan = (epoch_indices, weights)`` (``malaria.train.epoch_plan``): each row of ``epoch_indices``
     is one epoch's images, batched within it and gathered by index, as ``(x, y, weight)``; one pass
-    over it covers every epoch. ``deterministic`` augments one batch at a time, in order, so the
-    random draws repeat.
+    over it covers every epoch. ``epoch_indices`` may instead be a generator function of the rows,
+    made while training (``malaria.train.HardNegativeMining``). ``deterministic`` augments one batch
+    at a time, in order, so the random draws repeat.
     """
     import tensorflow as tf
     from keras import layers
@@ -139,13 +141,16 @@ def augmentation_pipeline(
     else:
         epoch_indices, weights = plan
         images_t, labels_t, weights_t = (tf.constant(a) for a in (images, labels, weights))
-        batches = (
-            tf.data.Dataset.from_tensor_slices(epoch_indices.astype(np.int64))
-            .flat_map(lambda row: tf.data.Dataset.from_tensor_slices(row).batch(batch_size))
-            .map(
-                lambda i: (tf.gather(images_t, i), tf.gather(labels_t, i), tf.gather(weights_t, i)),
-                num_parallel_calls=parallel,
+        if callable(epoch_indices):
+            rows = tf.data.Dataset.from_generator(
+                lambda: (row.astype(np.int64) for row in epoch_indices()),
+                output_signature=tf.TensorSpec([None], tf.int64),
             )
+        else:
+            rows = tf.data.Dataset.from_tensor_slices(epoch_indices.astype(np.int64))
+        batches = rows.flat_map(lambda row: tf.data.Dataset.from_tensor_slices(row).batch(batch_size)).map(
+            lambda i: (tf.gather(images_t, i), tf.gather(labels_t, i), tf.gather(weights_t, i)),
+            num_parallel_calls=parallel,
         )
     return batches.map(augment, num_parallel_calls=parallel).prefetch(tf.data.AUTOTUNE)
 

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import json
 import logging
+import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -247,66 +248,113 @@ def fit_model(
         metrics=["accuracy", keras.metrics.AUC(name="auc")],
     )
 
-    def fit(indices: np.ndarray | None, seed: int, first_epoch: int, last_epoch: int) -> dict[str, list[float]]:
-        pipeline = augmentation_pipeline(
-            train_data.images,
-            train_data.labels,
-            settings.batch_size,
-            seed,
-            settings.deterministic,
-            None if plan is None or indices is None else (indices, plan.weights),
-            settings.stain_jitter,
-        )
-        fitted = model.fit(
-            pipeline,
+    mining = None
+    if plan is not None and settings.smear_hard_negatives:
+        mining = HardNegativeMining(model, train_data, settings, spec, plan.indices[0], epochs)
+    rows = None if plan is None else (plan.indices if mining is None else mining.rows)
+    try:
+        fit = model.fit(
+            augmentation_pipeline(
+                train_data.images,
+                train_data.labels,
+                settings.batch_size,
+                settings.training_seed,
+                settings.deterministic,
+                None if rows is None or plan is None else (rows, plan.weights),
+                settings.stain_jitter,
+            ),
             validation_data=(val_data.images, val_data.labels),
             validation_batch_size=256,
-            initial_epoch=first_epoch,
-            epochs=last_epoch,
-            # A plan is one pass over its epochs: Keras keeps the iterator across epochs when given the steps.
+            epochs=epochs,
+            # A plan is one pass over all epochs: Keras keeps the iterator across epochs when given the steps.
             steps_per_epoch=None if plan is None else steps_per_epoch,
             shuffle=False,  # the pipeline reshuffles every epoch; Keras cannot shuffle a tf.data.Dataset
             verbose=0,
-            callbacks=[epoch_logger(epochs)],
+            callbacks=[epoch_logger(epochs), *([] if mining is None else [mining.callback()])],
         )
-        return {k: [float(v) for v in values] for k, values in fitted.history.items() if k != "learning_rate"}
-
-    if plan is None or not settings.smear_hard_negatives:
-        history = fit(None if plan is None else plan.indices, settings.training_seed, 0, epochs)
-    else:
-        history = fit(plan.indices[:1], settings.training_seed, 0, 1)
-        predict = compiled_predict(model)
-        for epoch in range(1, epochs):
-            # Hard-negative mining: this epoch's uninfected smear crops include the pool's highest-scored
-            # under the model as it is now (a fit per epoch; the optimizer's schedule runs on).
-            hard = hardest_negatives(
-                train_data.frame,
-                train_data.labels,
-                lambda pool: batched_probability(predict, train_data.images[pool], spec),
-                settings.smear_hard_negatives,
-            )
-            row = _replan(train_data, settings, epoch, hard)
-            for key, values in fit(row, settings.training_seed + epoch, epoch, epoch + 1).items():
-                history.setdefault(key, []).extend(values)
+    finally:
+        if mining is not None:
+            mining.close()
     seen = train_data.images if plan is None else train_data.images[np.unique(plan.indices[0])]
     updated = recompute_batch_norm_statistics(model, seen, settings.batch_size, settings.training_seed)
     if updated:
         logger.info("batch norm statistics of %d layers recomputed over the training images", updated)
+    history = {k: [float(v) for v in values] for k, values in fit.history.items() if k != "learning_rate"}
     return model, history
 
 
-def _replan(train_data: SplitData, settings: Settings, epoch: int, hard: np.ndarray) -> np.ndarray:
-    """One epoch's row of the plan with ``hard`` negatives in its draw."""
-    return epoch_plan(
-        train_data.frame,
-        train_data.labels,
-        1,
-        settings.training_seed + epoch,
-        settings.smear_infected_repeat,
-        settings.smear_uninfected_per_epoch,
-        settings.smear_loss_weight,
-        hard_negatives=hard,
-    ).indices
+class HardNegativeMining:
+    """Hard-negative mining while fitting: the epoch plan's rows, each made after the epoch before it.
+
+    Epoch 0's row is given. At the end of each epoch, ``callback()`` scores the uninfected smear pool
+    with the model as it is then and adds the next epoch's row (``epoch_plan``), whose draw holds the
+    ``smear_hard_negatives`` highest-scored crops (``hardest_negatives``). ``rows`` (the training
+    pipeline's generator) waits for a row until it is made, so the pipeline's read-ahead cannot take
+    an epoch planned by an older model: a run repeats its weights like any other.
+    """
+
+    def __init__(
+        self, model, train_data: SplitData, settings: Settings, spec: ModelSpec, first_row: np.ndarray, epochs: int
+    ):
+        self.train_data, self.settings, self.spec, self.epochs = train_data, settings, spec, epochs
+        self.predict = compiled_predict(model)
+        self._rows = [first_row]
+        self._closed = False
+        self._ready = threading.Condition()
+
+    def rows(self) -> Iterator[np.ndarray]:
+        """Every epoch's row in order, each as soon as it is made; ends early when closed."""
+        for epoch in range(self.epochs):
+            with self._ready:
+                self._ready.wait_for(lambda: len(self._rows) > epoch or self._closed)  # noqa: B023 - called here
+                if len(self._rows) <= epoch:
+                    return
+                row = self._rows[epoch]
+            yield row
+
+    def plan_next(self) -> None:
+        """Mine with the model as it is now and add the next epoch's row."""
+        epoch = len(self._rows)
+        if epoch >= self.epochs:
+            return
+        images = self.train_data.images
+        hard = hardest_negatives(
+            self.train_data.frame,
+            self.train_data.labels,
+            lambda pool: batched_probability(self.predict, images[pool], self.spec),
+            self.settings.smear_hard_negatives,
+        )
+        row = epoch_plan(
+            self.train_data.frame,
+            self.train_data.labels,
+            1,
+            self.settings.training_seed + epoch,
+            self.settings.smear_infected_repeat,
+            self.settings.smear_uninfected_per_epoch,
+            self.settings.smear_loss_weight,
+            hard_negatives=hard,
+        ).indices[0]
+        with self._ready:
+            self._rows.append(row)
+            self._ready.notify_all()
+
+    def close(self) -> None:
+        """Release every waiting reader (the end of training, or its failure)."""
+        with self._ready:
+            self._closed = True
+            self._ready.notify_all()
+
+    def callback(self):
+        """The Keras callback that plans the next epoch at the end of each one."""
+        import keras
+
+        mining = self
+
+        class PlanNextEpoch(keras.callbacks.Callback):
+            def on_epoch_end(self, epoch, logs=None):
+                mining.plan_next()
+
+        return PlanNextEpoch()
 
 
 def train(settings: Settings, force: bool = False) -> RegisteredVersion:

@@ -98,7 +98,8 @@ def test_hard_negative_mining_needs_a_draw_smaller_than_the_pool():
     from malaria.config import Settings
 
     with pytest.raises(pydantic.ValidationError, match="UNINFECTED_PER_EPOCH"):
-        Settings(smear_hard_negatives=100)
+        Settings(smear_hard_negatives=100, smear_uninfected_per_epoch=None)
+    assert Settings(smear_hard_negatives=0, smear_uninfected_per_epoch=None).smear_uninfected_per_epoch is None
     assert Settings(smear_hard_negatives=100, smear_uninfected_per_epoch=400).smear_hard_negatives == 100
 
 
