@@ -4,7 +4,7 @@ At import (``malaria import-model``) the champion's Keras file is converted to O
 (``model.export`` to a SavedModel, then ``openvino.convert_model``) and stored beside it. Two gates
 decide what may be served:
 
-- the **conversion gate**: fp32 OpenVINO gives the probabilities of Keras within ``1e-4`` on a
+- the **conversion gate**: fp32 OpenVINO gives the probabilities of Keras within ``5e-4`` on a
   reference batch (the test split where it is present, else the batch saved with the model at
   training time), or the import is refused and the store keeps its previous model;
 - the **precision gate**: bf16 (a CPU hint on the same IR) and int8 (NNCF post-training
@@ -43,7 +43,11 @@ IR_FILES: dict[Precision, str] = {"fp32": "model.xml", "bf16": "model.xml", "int
 INFERENCE_HINT: dict[Precision, str] = {"fp32": "f32", "bf16": "bf16", "int8": "f32"}
 # What the CPU plugin must report in OPTIMIZATION_CAPABILITIES to run a precision natively.
 CPU_CAPABILITY: dict[Precision, str] = {"fp32": "FP32", "bf16": "BF16", "int8": "INT8"}
-CONVERSION_TOLERANCE = 1e-4  # max |P(OpenVINO fp32) - P(Keras)|: 8.2e-5 on the NIH champion's 1,715 test cells
+# max |P(OpenVINO fp32) - P(Keras)| on the reference images. Both run float32 with their own kernels,
+# which differ by CPU: 8.2e-5 on the NIH champion's 1,715 test cells (AVX-512 Xeon), 1.26e-4 on the
+# NIH + smear champion's 4,873 (a Xeon with AMX, which refused it at 1e-4). A wrong conversion (channel
+# order, normalisation, a dropped layer) moves probabilities by 1e-2 and more.
+CONVERSION_TOLERANCE = 5e-4
 # Largest drop against fp32 a reduced precision may cost, on the same test images.
 PRECISION_GATE = {"accuracy": 0.002, "roc_auc": 0.001, "smear_specificity": 0.001, "smear_sensitivity": 0.01}
 CALIBRATION_IMAGES = 300  # int8 calibration: training images, a seeded sample
