@@ -39,7 +39,7 @@ SPECK_MIN_LEVELS = 15.0
 SPECK_INSET = 0.1
 SPECK_MIN_AREA = 0.003
 
-CROPS_VERSION = 2  # bump when the detector or the cutting changes: cached crops are then cut again
+CROPS_VERSION = 3  # bump when the detector or the cutting changes: cached crops are then cut again
 COLUMNS = ["path", "label", "patient", "width", "height", "source", "split"]
 
 

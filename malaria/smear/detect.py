@@ -37,6 +37,12 @@ PAIR_SOLIDITY = 0.93
 NUCLEUS_RATIO = (
     0.6  # nucleus-dark pixels over the expected cell area: a white cell (infected cells: <= 0.61, 95 % <= 0.33)
 )
+# A white cell's lobed nucleus can be cut into parts that each hold less than NUCLEUS_RATIO: a part
+# holding at least this many cells' area of a nucleus that is white-cell-sized as a whole (one connected
+# dark patch over NUCLEUS_RATIO) is a white cell too. Seen on a held-out field (PA171797: a neutrophil
+# cut in two parts of 0.36 and 0.41, both called Parasitized).
+NUCLEUS_PART_RATIO = 0.2
+NUCLEUS_GAP = 0.25  # lobes of one nucleus lie closer than this many diameters
 PEAK_SPACING = 0.2  # cell centres at least this many diameters apart (watershed seeds)
 PEAK_HEIGHT = 0.2  # a seed lies at least this many diameters inside the foreground
 RIDGE_WIDTH = 0.25  # lighter lines narrower than this many diameters separate packed cells
@@ -103,6 +109,19 @@ def _nucleus_stain(green: np.ndarray, cells: np.ndarray, background_level: float
     """
     cell_level = float(np.median(green[cells])) if cells.any() else background_level
     return green < cell_level - max(30.0, 0.6 * (background_level - cell_level))
+
+
+def _white_cell_nuclei(nucleus: np.ndarray, expected_area: float, diameter: float) -> np.ndarray:
+    """The pixels of ``nucleus`` whose patch, lobes within NUCLEUS_GAP diameters of each other joined,
+    is larger than a white cell's (NUCLEUS_RATIO), however the segmentation cut it."""
+    gap = max(1, int(round(diameter * NUCLEUS_GAP / 2)))
+    patches, count = ndi.label(ndi.binary_dilation(nucleus, iterations=gap))
+    if not count:
+        return np.zeros_like(nucleus)
+    sizes = np.bincount(patches[nucleus], minlength=count + 1)
+    large = sizes > NUCLEUS_RATIO * expected_area
+    large[0] = False
+    return large[patches] & nucleus
 
 
 def small_hole_mask(mask: np.ndarray, expected_area: float) -> np.ndarray:
@@ -195,16 +214,18 @@ def detect_cells(rgb: np.ndarray, cell_diameter_px: float) -> FieldDetection:
 
     nucleus = _nucleus_stain(green, foreground, background_level)
     labels = _split_clumps(labels, expected_area, nucleus)
+    white_nucleus = _white_cell_nuclei(nucleus & (labels > 0), expected_area, diameter)
     regions: list[Region] = []
     for prop in regionprops(labels):
         y0, x0, y1, x1 = prop.bbox
         area_ratio = prop.area / expected_area
         nucleus_ratio = nucleus[y0:y1, x0:x1][prop.image].sum() / expected_area
+        white_part = white_nucleus[y0:y1, x0:x1][prop.image].sum() / expected_area
         edge = x0 <= 0 or y0 <= 0 or x1 >= work_size[0] or y1 >= work_size[1]
         kind: Kind
         if area_ratio < MIN_AREA_RATIO:
             kind = "small"
-        elif nucleus_ratio > NUCLEUS_RATIO:
+        elif nucleus_ratio > NUCLEUS_RATIO or white_part >= NUCLEUS_PART_RATIO:
             kind = "white_cell"
         elif area_ratio > MAX_AREA_RATIO:
             kind = "clump"

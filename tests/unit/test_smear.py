@@ -56,6 +56,41 @@ def test_a_white_cell_is_rejected_not_counted(field, detection):
     assert not match_boxes(field.white_cells, [r.box for r in detection.counted], min_iou=0.3)
 
 
+def test_a_white_cell_whose_nucleus_is_cut_into_lobes_is_rejected_lobe_by_lobe(monkeypatch):
+    from malaria.smear import detect
+    from malaria.smear.synthetic import BACKGROUND, NUCLEUS
+
+    base = synthetic_field(n_free=24, n_pairs=0, white_cell=False, edge_cells=0, platelets=0, seed=5)
+    rgb = np.asarray(base.image).copy()
+    yy, xx = np.mgrid[0 : rgb.shape[0], 0 : rgb.shape[1]]
+    diameter = 40
+    lobe = np.sqrt(0.42) * diameter / 2  # each lobe 0.42 of a cell's area: under NUCLEUS_RATIO alone
+    # Two lobes 0.15 diameters apart, on a clear patch of the field (found by trying spots).
+    for cx in range(60, rgb.shape[1] - 100, 10):
+        for cy in range(40, rgb.shape[0] - 40, 10):
+            patch = rgb[cy - 30 : cy + 30, cx - 30 : cx + 90]
+            if np.abs(patch.astype(int) - BACKGROUND).max() < 25:
+                break
+        else:
+            continue
+        break
+    for centre in (cx, cx + 2 * lobe + 0.15 * diameter):
+        disk = (xx - centre) ** 2 + (yy - cy) ** 2 < lobe**2
+        rgb[disk] = NUCLEUS
+    lobes = (cx - lobe, cy - lobe, 4 * lobe + 0.15 * diameter, 2 * lobe)
+
+    def counted_near_lobes(result) -> int:
+        return sum(bool(match_boxes([lobes], [r.box], min_iou=0.1)) for r in result.counted)
+
+    with monkeypatch.context() as patched:
+        patched.setattr(detect, "NUCLEUS_PART_RATIO", float("inf"))  # the rule off: each lobe passes as a cell
+        assert counted_near_lobes(detect_cells(rgb, diameter)) == 2
+    result = detect_cells(rgb, diameter)
+    assert counted_near_lobes(result) == 0
+    assert sum(r.kind == "white_cell" for r in result.regions) == 2
+    assert len(result.counted) == 24  # every real cell still counted, the infected ones too
+
+
 def test_a_field_at_another_magnification_gives_the_same_cells(field, detection):
     doubled = field.image.resize((field.image.width * 2, field.image.height * 2), Image.Resampling.BICUBIC)
     found = detect_cells(np.asarray(doubled), cell_diameter_px=80)
