@@ -4,9 +4,10 @@
 
 No model: for the training, validation and test fields of the smear split (by capture block), the
 boxed interior cells matched by a detected red cell at IoU >= 0.5 (recall) and the infected ones
-among them. A detector setting is chosen on the training and validation fields; the test line is read
-once it is chosen. Infected cells the detector misses can never be called Parasitized, so the test
-line's infected count caps the service's sensitivity.
+among them, and the objects counted as red cells and rejected, by kind. A detector setting is
+chosen on the training and validation fields; the test line is read once it is chosen. Infected
+cells the detector misses can never be called Parasitized, so the test line's infected count caps
+the service's sensitivity.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import time
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -38,11 +40,13 @@ def main() -> None:
     report = {}
     for part in ("train", "val", "test"):
         scores = []
+        objects: Counter[str] = Counter()
         for name in sorted(name for name in annotations if parts[name] == part):
             rgb = np.asarray(decode_image((smear_dir / "images" / name).read_bytes()))
             started = time.perf_counter()
             found = detect_cells(rgb, args.cell_diameter_px)
             seconds = time.perf_counter() - started
+            objects.update({"counted": len(found.counted), **found.rejected()})
             # Every detected red cell called Parasitized: the evaluation's infected cells "called" are then
             # the infected cells the detector found.
             cells = [{"box": list(r.box), "label": "Parasitized"} for r in found.regions if r.kind == "red_cell"]
@@ -61,6 +65,7 @@ def main() -> None:
             "boxed_cells": boxed,
             "infected_matched": sum(s.infected_called for s in scores),
             "infected": sum(s.infected_boxed for s in scores),
+            "objects": dict(sorted(objects.items())),
             "seconds_per_field_median": round(float(np.median([s.seconds for s in scores])), 3) if scores else None,
         }
     print(json.dumps(report, indent=1))

@@ -117,6 +117,22 @@ def epoch_plan(
     return EpochPlan(indices, np.where(smear, smear_weight, 1.0).astype(np.float32))
 
 
+def settings_epoch_plan(
+    train_data: SplitData, settings: Settings, epochs: int, seed: int, hard_negatives: np.ndarray | None = None
+) -> EpochPlan:
+    """``epoch_plan`` of the training split with the smear settings (repeat, draw, loss weight)."""
+    return epoch_plan(
+        train_data.frame,
+        train_data.labels,
+        epochs,
+        seed,
+        settings.smear_infected_repeat,
+        settings.smear_uninfected_per_epoch,
+        settings.smear_loss_weight,
+        hard_negatives,
+    )
+
+
 def hardest_negatives(
     frame: pd.DataFrame, labels: np.ndarray, score: Callable[[np.ndarray], np.ndarray], count: int
 ) -> np.ndarray:
@@ -220,15 +236,7 @@ def fit_model(
     epochs, learning_rate = profile.epochs, profile.learning_rate
     plan = None
     if "source" in train_data.frame and (train_data.frame["source"] == SMEAR).any():
-        plan = epoch_plan(
-            train_data.frame,
-            train_data.labels,
-            epochs,
-            settings.training_seed,
-            settings.smear_infected_repeat,
-            settings.smear_uninfected_per_epoch,
-            settings.smear_loss_weight,
-        )
+        plan = settings_epoch_plan(train_data, settings, epochs, settings.training_seed)
     # Without the smear source every image is used once per epoch and tf.data reshuffles them, as in
     # every earlier run of the NIH-only default: the released model stays the one its docs measured.
     epoch_size = len(train_data.labels) if plan is None else plan.indices.shape[1]
@@ -251,7 +259,6 @@ def fit_model(
     mining = None
     if plan is not None and settings.smear_hard_negatives:
         mining = HardNegativeMining(model, train_data, settings, spec, plan.indices[0], epochs)
-    rows = None if plan is None else (plan.indices if mining is None else mining.rows)
     try:
         fit = model.fit(
             augmentation_pipeline(
@@ -260,7 +267,7 @@ def fit_model(
                 settings.batch_size,
                 settings.training_seed,
                 settings.deterministic,
-                None if rows is None or plan is None else (rows, plan.weights),
+                None if plan is None else (plan.indices if mining is None else mining.rows, plan.weights),
                 settings.stain_jitter,
             ),
             validation_data=(val_data.images, val_data.labels),
@@ -324,16 +331,8 @@ class HardNegativeMining:
             lambda pool: batched_probability(self.predict, images[pool], self.spec),
             self.settings.smear_hard_negatives,
         )
-        row = epoch_plan(
-            self.train_data.frame,
-            self.train_data.labels,
-            1,
-            self.settings.training_seed + epoch,
-            self.settings.smear_infected_repeat,
-            self.settings.smear_uninfected_per_epoch,
-            self.settings.smear_loss_weight,
-            hard_negatives=hard,
-        ).indices[0]
+        seed = self.settings.training_seed + epoch
+        row = settings_epoch_plan(self.train_data, self.settings, 1, seed, hard).indices[0]
         with self._ready:
             self._rows.append(row)
             self._ready.notify_all()
