@@ -3,7 +3,8 @@
     MALARIA_SMEAR_DIR=../shared/data/smears python -m benchmarks.smear_misses \
         [--version N] [--with NAME:VERSION ...] [--recolour S:H]
 
-In process (no service), for the validation and test fields of the smear split: infected boxed cells
+In process (no service; two Parasitized parts joined as the service joins them), for the validation
+and test fields of the smear split: infected boxed cells
 that no detected cell matches (IoU >= 0.5: lost before the model sees them), the matched ones the
 field rule calls Uninfected, and the matched uninfected cells called Parasitized, per capture block.
 For each undetected infected cell: the detected object that overlaps its box most (kind, area in
@@ -31,7 +32,7 @@ from skimage.color import hsv2rgb, rgb2hsv
 from malaria.config import get_settings
 from malaria.preprocess import decode_image
 from malaria.registry import load_keras_model
-from malaria.smear.analysis import prepare_field
+from malaria.smear.analysis import join_parasitized_parts, prepare_field
 from malaria.smear.annotations import (
     SAME_CELL_IOU,
     UNINFECTED_TYPE,
@@ -170,12 +171,12 @@ def main() -> None:
             if arguments.recolour is not None:
                 rgb = recolour(rgb, *arguments.recolour)
             field = prepare_field(rgb, spec, settings.smear_cell_diameter_px, time.perf_counter)
-            cells = field.red_cells
             probability = (
                 np.mean([predict_probability(m, field.batch, member_spec) for m, member_spec in members], axis=0)
-                if cells
+                if field.red_cells
                 else np.empty(0)
             )
+            cells, probability, _ = join_parasitized_parts(field.detection, probability, spec.threshold)  # as served
             width, height = field.detection.image_size
             boxes = [b for b in annotations[name] if b.interior(width, height)]
             matches = match_boxes([b.xywh for b in boxes], [c.box for c in cells])

@@ -11,7 +11,7 @@ from pydantic import BaseModel, Field
 from scipy.stats import binomtest
 
 from malaria.preprocess import to_model_input
-from malaria.smear.detect import FieldDetection, Kind, cell_crop, detect_cells
+from malaria.smear.detect import FieldDetection, Kind, Region, cell_crop, detect_cells
 from malaria.spec import Decision, ModelSpec, review_flag
 
 RBC_DIAMETER_UM = 7.5  # a normal red cell; turns a pixel size into the expected diameter in pixels
@@ -25,6 +25,11 @@ class SmearCell(BaseModel):
     probability_parasitized: float
     decision: Decision = Field(description="'refer' flags a cell for a person to look at; the label still counts.")
     edge: bool = Field(description="Cut by the image border: shown, not counted.")
+    joined: bool = Field(
+        False,
+        description="Two touching parts of the segmentation, both called Parasitized, counted as this one cell "
+        "(an enlarged infected cell the segmentation cut in two); its probability is the larger of the two.",
+    )
     review: Literal["refer", "audit"] | None = Field(
         None,
         description="Why the cell goes to the review queue: the model refers it, or it is in the random audit "
@@ -129,12 +134,44 @@ def box_iou(a: tuple[int, int, int, int], b: tuple[int, int, int, int]) -> float
 
 
 def cell_at(rgb: np.ndarray, box: tuple[int, int, int, int], cell_diameter_px: float) -> np.ndarray:
-    """The red cell of a field at ``box`` (a box ``/analyze_smear`` answered), cut as the model saw it."""
-    cells = [r for r in detect_cells(rgb, cell_diameter_px).regions if r.kind == "red_cell"]
+    """The red cell of a field at ``box`` (a box ``/analyze_smear`` answered), cut as the model saw it
+    (a joined cell: both its parts)."""
+    detection = detect_cells(rgb, cell_diameter_px)
+    cells = [r for r in detection.regions if r.kind == "red_cell"] + [j.region for j in detection.joins]
     best = max(cells, key=lambda r: box_iou(r.box, box), default=None)
     if best is None or box_iou(best.box, box) < 0.5:
         raise CellNotFoundError(f"no red cell found at box {list(box)} (with {cell_diameter_px:g}-px cells)")
     return cell_crop(rgb, best)
+
+
+def join_parasitized_parts(
+    detection: FieldDetection, probability: np.ndarray, threshold: float
+) -> tuple[list[Region], np.ndarray, list[bool]]:
+    """The field's red cells with each of the detector's joins (``detect.Join``) whose two parts are both
+    called Parasitized counted as one cell, its probability the larger; returns cells, probabilities and
+    which cells are joined.
+
+    A P. vivax cell is enlarged by its parasite, whose dark chromatin notches the segmentation's mask,
+    and it can come out as two parts that the model both calls Parasitized: two counts for one cell.
+    Joined only when both parts are called: a cell with one infected half is counted once already. Which
+    pairs may be joined is the detector's (``detect.JOIN_AREA_RATIO``, ``detect.JOIN_SOLIDITY``).
+    """
+    if not detection.usable:  # no cell was cut or classified
+        return [], np.empty(0), []
+    red = [i for i, r in enumerate(detection.regions) if r.kind == "red_cell"]
+    position = {region_index: k for k, region_index in enumerate(red)}
+    cells: list[Region] = [detection.regions[i] for i in red]
+    p = np.asarray(probability, dtype=float).copy()
+    joined = [False] * len(cells)
+    dropped: set[int] = set()
+    for join in sorted(detection.joins, key=lambda j: -j.solidity):  # the roundest union first
+        first, second = position[join.first], position[join.second]
+        if {first, second} & dropped or joined[first] or min(p[first], p[second]) < threshold:
+            continue
+        cells[first], p[first], joined[first] = join.region, max(p[first], p[second]), True
+        dropped.add(second)
+    kept = [k for k in range(len(cells)) if k not in dropped]
+    return [cells[k] for k in kept], p[kept], [joined[k] for k in kept]
 
 
 def wilson_percent(positive: int, total: int) -> tuple[float, float]:
@@ -156,7 +193,7 @@ def summarise_field(
 ) -> SmearAnalysis:
     """Counts over the whole red cells; parasitemia only for a usable field."""
     detection = field.detection
-    cells = field.red_cells if detection.usable else []
+    cells, probability, joined = join_parasitized_parts(detection, probability, spec.threshold)
     labels = spec.labels(probability)
     smear_cells = [
         SmearCell(
@@ -165,8 +202,9 @@ def summarise_field(
             probability_parasitized=round(float(p), 6),
             decision=spec.decision(float(p)),
             edge=region.edge,
+            joined=is_joined,
         )
-        for region, p, label in zip(cells, probability, labels, strict=True)
+        for region, p, label, is_joined in zip(cells, probability, labels, joined, strict=True)
     ]
     counted = [c for c in smear_cells if not c.edge]
     parasitized = sum(c.label == spec.positive_class for c in counted)

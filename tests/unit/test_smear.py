@@ -8,7 +8,14 @@ import numpy as np
 import pytest
 from PIL import Image, ImageFilter
 
-from malaria.smear.analysis import PreparedField, SmearTiming, prepare_field, summarise_field, wilson_percent
+from malaria.smear.analysis import (
+    PreparedField,
+    SmearTiming,
+    cell_at,
+    prepare_field,
+    summarise_field,
+    wilson_percent,
+)
 from malaria.smear.annotations import capture_number, load_annotations, match_boxes, split_fields
 from malaria.smear.crops import sample_uninfected, speckled
 from malaria.smear.detect import cell_crop, detect_cells
@@ -89,6 +96,74 @@ def test_a_white_cell_whose_nucleus_is_cut_into_lobes_is_rejected_lobe_by_lobe(m
     assert counted_near_lobes(result) == 0
     assert sum(r.kind == "white_cell" for r in result.regions) == 2
     assert len(result.counted) == 24  # every real cell still counted, the infected ones too
+
+
+@pytest.fixture(scope="module")
+def split_enlarged_cell():
+    """A field of 22 free cells and 2 touching pairs, and beside them an enlarged cell (1.56 cells' area,
+    like a P. vivax-infected one) crossed by a lighter line that the segmentation cuts it along."""
+    from malaria.smear.synthetic import BACKGROUND, CELL
+
+    base = synthetic_field(n_free=22, n_pairs=2, white_cell=False, edge_cells=0, platelets=0, seed=3)
+    rgb = np.empty((480, 760, 3))
+    rgb[:] = BACKGROUND
+    rgb += np.random.default_rng(0).normal(0, 3, rgb.shape)
+    rgb[:, :640] = np.asarray(base.image)
+    yy, xx = np.mgrid[0:480, 0:760]
+    disk = (xx - 700) ** 2 + (yy - 240) ** 2 < 25**2
+    rgb[disk] = CELL
+    rgb[disk & (np.abs(xx - 700) < 2)] = (205, 178, 182)  # lighter than the cell, still stained
+    return np.clip(rgb, 0, 255).astype(np.uint8), (675, 215, 50, 50), base
+
+
+def test_an_enlarged_cell_cut_in_two_is_offered_as_one_join(split_enlarged_cell):
+    rgb, enlarged, base = split_enlarged_cell
+    found = detect_cells(rgb, 40)
+    halves = [r for r in found.counted if match_boxes([enlarged], [r.box], min_iou=0.3)]
+    assert len(halves) == 2 and len(found.counted) == 22 + 4 + 2  # the segmentation cut it in two
+    assert len(found.joins) == 1  # the touching pairs (2 cells' area) are not offered
+    join = found.joins[0]
+    assert {found.regions[join.first].box, found.regions[join.second].box} == {r.box for r in halves}
+    assert match_boxes([enlarged], [join.region.box], min_iou=0.8) == {0: 0}
+    assert join.region.area_ratio == pytest.approx(1.56, abs=0.1) and join.solidity > 0.95
+    union = np.zeros(rgb.shape[:2], bool)
+    for region in halves:
+        x, y, w, h = region.box
+        union[y : y + h, x : x + w] |= region.mask
+    assert join.region.mask.sum() == pytest.approx(union.sum(), rel=0.03)  # the two parts' masks (rescaled)
+
+
+def test_both_halves_called_parasitized_count_as_one_cell(split_enlarged_cell):
+    rgb, enlarged, base = split_enlarged_cell
+    spec = ModelSpec(image_size=32, threshold=0.5, refer_band=(0.4, 0.6))
+    red = [r for r in detect_cells(rgb, 40).regions if r.kind == "red_cell"]
+    in_enlarged = [bool(match_boxes([enlarged], [r.box], min_iou=0.3)) for r in red]
+    in_pairs = [bool(match_boxes(base.cells[:4], [r.box])) for r in red]  # the two touching pairs come first
+
+    def summary(half_probabilities, pair_probability=0.1):
+        halves = iter(half_probabilities)
+        return _summary(
+            Image.fromarray(rgb),
+            spec,
+            lambda i: next(halves) if in_enlarged[i] else pair_probability if in_pairs[i] else 0.1,
+        )[1]
+
+    joined = summary([0.7, 0.95])
+    assert (
+        joined.counts.cells == 27
+        and joined.counts.parasitized == 1
+        and joined.parasitemia_percent == pytest.approx(100 / 27, abs=1e-3)
+    )
+    (cell,) = [c for c in joined.cells if c.joined]
+    assert match_boxes([enlarged], [cell.box], min_iou=0.8) == {0: 0}
+    assert cell.label == "Parasitized" and cell.probability_parasitized == pytest.approx(0.95)
+    assert cell_at(rgb, cell.box, 40).shape[:2] == (cell.box[3], cell.box[2])  # the review queue cuts the whole cell
+    one_half = summary([0.7, 0.3])  # one half called: already counted once, nothing joined
+    assert (
+        one_half.counts.cells == 28 and one_half.counts.parasitized == 1 and not any(c.joined for c in one_half.cells)
+    )
+    pairs = summary([0.1, 0.1], pair_probability=0.9)  # two touching cells both called stay two cells
+    assert pairs.counts.cells == 28 and pairs.counts.parasitized == 4
 
 
 def test_a_field_at_another_magnification_gives_the_same_cells(field, detection):

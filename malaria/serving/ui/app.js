@@ -61,7 +61,7 @@ function drawField(field, index) {
     box.className = `cell-box ${cell.edge ? "edge" : cell.decision}`;
     const [x, y, w, h] = cell.box;
     Object.assign(box.style, { left: `${(100 * x) / width}%`, top: `${(100 * y) / height}%`, width: `${(100 * w) / width}%`, height: `${(100 * h) / height}%` });
-    box.title = `${cell.label} P=${cell.probability_parasitized.toFixed(3)} (${cell.decision})${cell.edge ? ", edge: not counted" : ""}`;
+    box.title = `${cell.label} P=${cell.probability_parasitized.toFixed(3)} (${cell.decision})${cell.edge ? ", edge: not counted" : ""}${cell.joined ? ", two segmented parts counted as one cell" : ""}`;
     box.dataset.field = index;
     box.dataset.cell = cellIndex;
     box.addEventListener("click", () => openCell({ kind: "field", field: index, cell: cellIndex }, box));
