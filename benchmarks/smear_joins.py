@@ -9,7 +9,7 @@ is detected once with the loosest constants of the grid, its red cells classifie
 scores it: joins made, recall, sensitivity, specificity and parasitemia MAE on the well-boxed fields,
 per split and over training and validation together (where the constants are chosen: the highest
 sensitivity, then the lowest MAE). ``joins`` lists every join at the detector's constants, with the box
-its union matches (IoU >= 0.5) and the boxes each part matched on its own, to look at.
+its union overlaps most (a match at IoU >= 0.5) and those each part overlaps on its own, to look at.
 """
 
 from __future__ import annotations
@@ -35,12 +35,12 @@ SOLIDITIES = (0.7, 0.75, 0.8, 0.85, 0.9)
 NO_TIMING = SmearTiming(detect_ms=0, crop_ms=0, model_ms=0, total_ms=0)
 
 
-def matched_box(box: tuple[int, int, int, int], boxes: list[Box]) -> str | None:
-    """'infected' or 'uninfected': the kind of the box ``box`` overlaps at IoU >= 0.5, else None."""
+def matched_box(box: tuple[int, int, int, int], boxes: list[Box]) -> dict:
+    """The box that ``box`` overlaps most: its kind ('infected', 'uninfected'; None under IoU 0.5) and IoU."""
     best = max(boxes, key=lambda b: box_iou(b.xywh, box), default=None)
-    if best is None or box_iou(best.xywh, box) < 0.5:
-        return None
-    return "infected" if best.infected else "uninfected"
+    iou = box_iou(best.xywh, box) if best is not None else 0.0
+    kind = None if best is None or iou < 0.5 else "infected" if best.infected else "uninfected"
+    return {"matches": kind, "iou": round(iou, 2)}
 
 
 def main() -> None:
@@ -111,8 +111,8 @@ def main() -> None:
                     "split": parts[name],
                     "area_ratio": join.region.area_ratio,
                     "solidity": join.solidity,
-                    "union_matches": matched_box(cell.box, annotations[name]),
-                    "parts_match": [
+                    "union": matched_box(cell.box, annotations[name]),
+                    "parts": [
                         matched_box(field.detection.regions[i].box, annotations[name])
                         for i in (join.first, join.second)
                     ],

@@ -191,6 +191,7 @@ CELL_COLUMNS = [
     ("probability_parasitized", "double"),
     ("decision", "string"),
     ("edge", "boolean"),
+    ("joined", "boolean"),
     ("usable", "boolean"),
     ("reason", "string"),
     ("model_version", "string"),
@@ -269,6 +270,7 @@ def field_cell_rows(path: str, content: bytes, pipeline, cell_diameter_px: float
             "probability_parasitized": cell.probability_parasitized,
             "decision": cell.decision,
             "edge": cell.edge,
+            "joined": cell.joined,
         }
         for i, cell in enumerate(analysis.cells)
     ]

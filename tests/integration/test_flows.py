@@ -184,7 +184,9 @@ def test_pipeline_caches_unchanged_steps(synthetic_dir, settings_env, tmp_path, 
             bento_model_name="pipeline-classifier",
         )
     )
+    monkeypatch.chdir(tmp_path)  # the evaluation report goes to ./reports/evaluation: here, not the repo's
     first = training_pipeline(build=False)
+    assert (tmp_path / "reports" / "evaluation" / "metrics.json").is_file()
     second = training_pipeline(build=False)
     assert first["trained"]["version"] == second["trained"]["version"] == "1"
     assert get_version(settings).version == "1"  # the second run trained nothing new

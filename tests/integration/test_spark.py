@@ -94,6 +94,7 @@ def test_spark_scores_smear_fields_one_row_per_cell_like_the_service(
     assert mine[["x", "y", "width", "height"]].to_numpy().tolist() == [c["box"] for c in answer["cells"]]
     assert list(mine["label"]) == [c["label"] for c in answer["cells"]]
     assert list(mine["edge"]) == [c["edge"] for c in answer["cells"]]
+    assert list(mine["joined"]) == [c["joined"] for c in answer["cells"]]
     served = np.array([c["probability_parasitized"] for c in answer["cells"]])
     assert np.abs(mine["probability_parasitized"].to_numpy() - served).max() <= 1e-5
     fields = pd.read_csv(tmp_path / "out" / "fields.csv").set_index("path")
