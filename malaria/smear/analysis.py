@@ -134,8 +134,9 @@ def box_iou(a: tuple[int, int, int, int], b: tuple[int, int, int, int]) -> float
 
 
 def cell_at(rgb: np.ndarray, box: tuple[int, int, int, int], cell_diameter_px: float) -> np.ndarray:
-    """The red cell of a field at ``box`` (a box ``/analyze_smear`` answered), cut as the model saw it
-    (a joined cell: both its parts)."""
+    """The red cell of a field at ``box`` (a box ``/analyze_smear`` answered), cut as the model saw it; a
+    joined cell is cut whole, the union of its two parts (the model scored each part: its probability is
+    the larger of the two)."""
     detection = detect_cells(rgb, cell_diameter_px)
     cells = [r for r in detection.regions if r.kind == "red_cell"] + [j.region for j in detection.joins]
     best = max(cells, key=lambda r: box_iou(r.box, box), default=None)
@@ -163,12 +164,14 @@ def join_parasitized_parts(
     cells: list[Region] = [detection.regions[i] for i in red]
     p = np.asarray(probability, dtype=float).copy()
     joined = [False] * len(cells)
+    used: set[int] = set()  # each part joins at most once
     dropped: set[int] = set()
     for join in sorted(detection.joins, key=lambda j: -j.solidity):  # the roundest union first
         first, second = position[join.first], position[join.second]
-        if {first, second} & dropped or joined[first] or min(p[first], p[second]) < threshold:
+        if {first, second} & used or min(p[first], p[second]) < threshold:
             continue
         cells[first], p[first], joined[first] = join.region, max(p[first], p[second]), True
+        used |= {first, second}
         dropped.add(second)
     kept = [k for k in range(len(cells)) if k not in dropped]
     return [cells[k] for k in kept], p[kept], [joined[k] for k in kept]
@@ -191,7 +194,8 @@ def summarise_field(
     timing: SmearTiming,
     filename: str | None = None,
 ) -> SmearAnalysis:
-    """Counts over the whole red cells; parasitemia only for a usable field."""
+    """Counts over the whole red cells (two Parasitized parts of one cell joined); parasitemia only for a
+    usable field."""
     detection = field.detection
     cells, probability, joined = join_parasitized_parts(detection, probability, spec.threshold)
     labels = spec.labels(probability)

@@ -166,6 +166,32 @@ def test_both_halves_called_parasitized_count_as_one_cell(split_enlarged_cell):
     assert pairs.counts.cells == 28 and pairs.counts.parasitized == 4
 
 
+def test_each_part_is_joined_at_most_once_the_roundest_join_first_and_no_cell_is_lost():
+    """Three parts A, B, C in a row, each touching pair offered as a join: B can go with A or C, not both."""
+    from malaria.smear.analysis import join_parasitized_parts
+    from malaria.smear.detect import FieldDetection, Join, Region
+
+    def region(x: int, width: int = 10, kind="red_cell") -> Region:
+        return Region((x, 0, width, 10), kind, False, width / 20, 0.0, np.ones((10, width), bool))
+
+    a, white, b, c = region(0), region(40, kind="white_cell"), region(10), region(20)
+    ab, bc = Join(0, 2, region(0, 20), 0.9), Join(2, 3, region(10, 20), 0.95)  # indices into the regions
+
+    def joined(probability, joins):
+        detection = FieldDetection([a, white, b, c], (60, 10), 0.3, True, joins=joins)
+        cells, p, flags = join_parasitized_parts(detection, np.array(probability), threshold=0.5)
+        return [(cell.box[0], cell.box[2]) for cell in cells], p.tolist(), flags
+
+    for joins in ([ab, bc], [bc, ab]):  # B-C is the rounder: made first, whatever the order given
+        assert joined([0.9, 0.5, 0.7], joins) == ([(0, 10), (10, 20)], [0.9, 0.7], [False, True])
+        assert joined([0.9, 0.8, 0.3], joins) == ([(0, 20), (20, 10)], [0.9, 0.3], [True, False])
+        assert joined([0.9, 0.49, 0.9], joins) == ([(0, 10), (10, 10), (20, 10)], [0.9, 0.49, 0.9], [False] * 3)
+    rounder_ab = Join(0, 2, region(0, 20), 0.97)  # now A-B goes first, and B is the first part of B-C
+    assert joined([0.9, 0.8, 0.7], [bc, rounder_ab]) == ([(0, 20), (20, 10)], [0.9, 0.7], [True, False])
+    unusable = FieldDetection([a, white, b, c], (60, 10), 0.3, False, "too blurred", joins=[ab])
+    assert join_parasitized_parts(unusable, np.empty(0), 0.5)[0] == []
+
+
 def test_a_field_at_another_magnification_gives_the_same_cells(field, detection):
     doubled = field.image.resize((field.image.width * 2, field.image.height * 2), Image.Resampling.BICUBIC)
     found = detect_cells(np.asarray(doubled), cell_diameter_px=80)
