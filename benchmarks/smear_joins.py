@@ -22,11 +22,11 @@ import time
 import numpy as np
 
 import malaria.smear.detect as detect
+from benchmarks.smear_misses import fields_and_model
 from malaria.config import get_settings
 from malaria.preprocess import decode_image
-from malaria.registry import load_keras_model
 from malaria.smear.analysis import PreparedField, SmearTiming, box_iou, prepare_field, summarise_field
-from malaria.smear.annotations import Box, load_annotations, split_fields
+from malaria.smear.annotations import Box
 from malaria.smear.evaluation import score_field, summarise_scores
 from malaria.train import predict_probability
 
@@ -48,17 +48,12 @@ def main() -> None:
     parser.add_argument("--version", default=None, help="registered version (default: champion)")
     arguments = parser.parse_args()
     settings = get_settings()
-    if settings.smear_dir is None:
-        raise SystemExit("set MALARIA_SMEAR_DIR to the annotated smear fields")
-    model, record = load_keras_model(settings, arguments.version)
-    spec = record.spec.for_fields()
-    annotations = load_annotations(settings.smear_dir)
-    parts = split_fields(sorted(annotations), settings.seed)
+    smear_dir, annotations, parts, model, record, spec = fields_and_model(settings, arguments.version)
     chosen = (detect.JOIN_AREA_RATIO, detect.JOIN_SOLIDITY)
     detect.JOIN_AREA_RATIO, detect.JOIN_SOLIDITY = max(AREA_RATIOS), min(SOLIDITIES)  # every candidate
     fields = {}
     for name in sorted(annotations):
-        rgb = decode_image((settings.smear_dir / "images" / name).read_bytes(), max_pixels=None)
+        rgb = decode_image((smear_dir / "images" / name).read_bytes(), max_pixels=None)
         field = prepare_field(rgb, spec, settings.smear_cell_diameter_px, time.perf_counter)
         probability = predict_probability(model, field.batch, record.spec) if len(field.batch) else np.empty(0)
         fields[name] = (field, probability)

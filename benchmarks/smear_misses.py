@@ -24,18 +24,21 @@ import argparse
 import json
 import time
 from collections import Counter
+from pathlib import Path
+from typing import Any, NamedTuple
 
 import numpy as np
 from PIL import Image
 from skimage.color import hsv2rgb, rgb2hsv
 
-from malaria.config import get_settings
+from malaria.config import Settings, get_settings
 from malaria.preprocess import decode_image
-from malaria.registry import load_keras_model
+from malaria.registry import RegisteredVersion, load_keras_model
 from malaria.smear.analysis import join_parasitized_parts, prepare_field
 from malaria.smear.annotations import (
     SAME_CELL_IOU,
     UNINFECTED_TYPE,
+    Box,
     capture_blocks,
     iou_matrix,
     load_annotations,
@@ -43,6 +46,7 @@ from malaria.smear.annotations import (
     split_fields,
 )
 from malaria.smear.crops import speckled
+from malaria.spec import ModelSpec
 from malaria.train import predict_probability
 
 
@@ -95,6 +99,26 @@ def recolour(image: Image.Image, saturation: float, hue: float) -> Image.Image:
     return Image.fromarray((hsv2rgb(hsv) * 255).round().astype(np.uint8))
 
 
+class FieldsAndModel(NamedTuple):
+    smear_dir: Path
+    annotations: dict[str, list[Box]]
+    parts: dict[str, str]  # field -> train / val / test
+    model: Any
+    record: RegisteredVersion
+    spec: ModelSpec  # the rule the model's fields use
+
+
+def fields_and_model(settings: Settings, version: str | None) -> FieldsAndModel:
+    """The annotated fields of ``MALARIA_SMEAR_DIR`` and their split, and a registered version (default:
+    champion) with its Keras model and field rule."""
+    if settings.smear_dir is None:
+        raise SystemExit("set MALARIA_SMEAR_DIR to the annotated smear fields")
+    model, record = load_keras_model(settings, version)
+    annotations = load_annotations(settings.smear_dir)
+    parts = split_fields(sorted(annotations), settings.seed)
+    return FieldsAndModel(settings.smear_dir, annotations, parts, model, record, record.spec.for_fields())
+
+
 OPERATING_THRESHOLDS = (0.5, 0.6, 0.7, 0.8, 0.9, 0.95)
 
 
@@ -135,10 +159,7 @@ def main() -> None:
     )
     arguments = parser.parse_args()
     settings = get_settings()
-    if settings.smear_dir is None:
-        raise SystemExit("set MALARIA_SMEAR_DIR to the annotated smear fields")
-    model, record = load_keras_model(settings, arguments.version)
-    spec = record.spec.for_fields()
+    smear_dir, annotations, parts, model, record, spec = fields_and_model(settings, arguments.version)
     members = [(model, record.spec)]
     for other in arguments.others:
         name, _, other_version = other.partition(":")
@@ -146,15 +167,13 @@ def main() -> None:
             settings.model_copy(update={"registered_model_name": name}), other_version or None
         )
         members.append((other_model, other_record.spec))
-    annotations = load_annotations(settings.smear_dir)
-    parts = split_fields(sorted(annotations), settings.seed)
     blocks = capture_blocks(sorted(annotations))
     report: dict = {
         "version": record.version,
         "averaged_with": arguments.others,
         "field_threshold": spec.threshold,
         "recolour": arguments.recolour,
-        "cells_boxed_twice": boxed_twice(settings.smear_dir / "annotations.json"),
+        "cells_boxed_twice": boxed_twice(smear_dir / "annotations.json"),
     }
     for part in ("val", "test"):
         infected, not_detected, called, uninfected = 0, 0, 0, 0
@@ -167,7 +186,7 @@ def main() -> None:
         speck_counts: Counter[str] = Counter()
         referred: Counter[str] = Counter()
         for name in sorted(n for n in annotations if parts[n] == part):
-            rgb = decode_image((settings.smear_dir / "images" / name).read_bytes(), max_pixels=None)
+            rgb = decode_image((smear_dir / "images" / name).read_bytes(), max_pixels=None)
             if arguments.recolour is not None:
                 rgb = recolour(rgb, *arguments.recolour)
             field = prepare_field(rgb, spec, settings.smear_cell_diameter_px, time.perf_counter)

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 from PIL import Image
@@ -200,13 +200,14 @@ def _touching_pairs(labels: np.ndarray) -> list[tuple[int, int]]:
 def _joins(
     labels: np.ndarray,
     regions: list[Region],
+    props: dict[int, Any],
     index_of_label: dict[int, int],
     expected_area: float,
     make_region: Callable[..., Region],
 ) -> list[Join]:
-    """The touching pairs of whole red cells whose union is cell-sized and round (``JOIN_*``)."""
+    """The touching pairs of whole red cells whose union is cell-sized and round (``JOIN_*``); ``props``
+    are the labels' ``regionprops`` as the regions were made from them."""
     joins = []
-    props = {prop.label: prop for prop in regionprops(labels)}
     for a, b in _touching_pairs(labels):
         i, j = index_of_label.get(a), index_of_label.get(b)
         if i is None or j is None:
@@ -296,7 +297,8 @@ def detect_cells(rgb: np.ndarray, cell_diameter_px: float) -> FieldDetection:
 
     regions: list[Region] = []
     index_of_label: dict[int, int] = {}
-    for prop in regionprops(labels):
+    props = {prop.label: prop for prop in regionprops(labels)}
+    for prop in props.values():
         y0, x0, y1, x1 = prop.bbox
         area_ratio = prop.area / expected_area
         nucleus_ratio = nucleus[y0:y1, x0:x1][prop.image].sum() / expected_area
@@ -319,7 +321,7 @@ def detect_cells(rgb: np.ndarray, cell_diameter_px: float) -> FieldDetection:
         (width, height),
         round(sharpness, 3),
         True,
-        joins=_joins(labels, regions, index_of_label, expected_area, make_region),
+        joins=_joins(labels, regions, props, index_of_label, expected_area, make_region),
     )
     if sharpness < MIN_SHARPNESS:
         detection.usable = False
